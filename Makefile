@@ -1,0 +1,70 @@
+# inference-cache — every target bootstraps what it needs (a venv under the repo).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTOL := .tools/protol/bin/protol
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv test check lint typecheck proto proto-check unit run bench bench-index clean
+
+help:
+	@echo "make run        start 'inference-cache serve' on examples/serve.yaml (Ctrl-C stops it)"
+	@echo "make test       lint, typecheck, drift checks and the whole test suite (prints its duration)"
+	@echo "make proto      regenerate the gRPC stubs from proto/"
+	@echo "make bench      run the benchmarks (writes docs/benchmarks.md figures by hand for now)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=strict
+	touch $@
+
+# Strict editable installs link files one by one: refresh the link tree (cheap, no deps)
+# so files added since the last full install are importable.
+venv: $(STAMP)
+	@$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
+
+$(PROTOL):
+	$(PYTHON) -m venv .tools/protol
+	.tools/protol/bin/pip install -q protoletariat==3.3.10
+
+proto: venv $(PROTOL)
+	PY=$(PY) PROTOL=$(PROTOL) ./hack/gen_proto.sh proto/_gen
+
+proto-check: venv $(PROTOL)
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	PY=$(PY) PROTOL=$(PROTOL) ./hack/gen_proto.sh $$tmp/_gen && \
+	diff -r -x __pycache__ proto/_gen $$tmp/_gen && echo "proto: no drift" || \
+	{ echo "proto/_gen drifted from proto/: run 'make proto'"; exit 1; }
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	cd /tmp && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p inference_cache
+
+unit: venv
+	$(VENV)/bin/pytest
+
+check: lint typecheck proto-check unit
+
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory check; rc=$$?; \
+	echo "make test: $$rc after $$(( $$(date +%s) - start ))s"; exit $$rc
+
+run: venv
+	$(VENV)/bin/inference-cache serve --config examples/serve.yaml --insecure-disable-auth \
+	  --grpc-bind-address 127.0.0.1:9090 --http-bind-address 127.0.0.1:8080 \
+	  --snapshot-bind-address 127.0.0.1:8081
+
+bench: bench-index
+
+bench-index: venv
+	$(VENV)/bin/inference-cache bench index --json bench-index.json
+
+clean:
+	rm -rf $(VENV) .tools build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

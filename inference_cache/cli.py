@@ -1,0 +1,55 @@
+"""The ``inference-cache`` console script: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that owns it and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). This module only
+builds the parser from those owners and dispatches to the chosen one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+#: subcommand -> (owning module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("inference_cache.extproc.serve", "run the index, the InferenceCache gRPC API and HTTP"),
+    "subscribe": ("inference_cache.subscribe", "engine-pod sidecar: KV events and metrics to a server"),
+}
+
+#: ``bench <name>`` -> (owning module, help)
+BENCHES: dict[str, tuple[str, str]] = {
+    "index": ("inference_cache.index.bench", "ingest and lookup throughput, memory per entry"),
+}
+
+
+def _load(module: str) -> ModuleType:
+    return importlib.import_module(module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inference-cache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        _load(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    bench = sub.add_parser("bench", help="benchmarks (JSON with --json OUT)")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, help_) in BENCHES.items():
+        p = bsub.add_parser(name, help=help_, description=help_)
+        _load(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = _load(args._module).run(args)
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
