@@ -1,0 +1,1 @@
+"""A simulated vLLM replica (being written)."""
