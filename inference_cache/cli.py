@@ -30,24 +30,31 @@ def _load(module: str) -> ModuleType:
     return importlib.import_module(module)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole parser; only the owner of the chosen subcommand (``argv[0]``, or
+    ``bench argv[1]``) is imported, so one broken or heavy subcommand never slows or
+    breaks another."""
+    chosen = list(argv[:2])
     parser = argparse.ArgumentParser(prog="inference-cache", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        _load(module).add_arguments(p)
+        if chosen[:1] == [name]:
+            _load(module).add_arguments(p)
         p.set_defaults(_module=module)
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json OUT)")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, (module, help_) in BENCHES.items():
         p = bsub.add_parser(name, help=help_, description=help_)
-        _load(module).add_arguments(p)
+        if chosen == ["bench", name]:
+            _load(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     rc: int = _load(args._module).run(args)
     return rc
 
