@@ -17,7 +17,7 @@ from types import ModuleType
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("inference_cache.extproc.serve", "run the index, the InferenceCache gRPC API and HTTP"),
     "subscribe": ("inference_cache.subscribe", "engine-pod sidecar: KV events and metrics to a server"),
-    "fake-engine": ("inference_cache.fakeengine.main", "a simulated vLLM replica (HTTP API, prefix cache, KV events)"),
+    "fake-engine": ("inference_cache.fakeengine.main", "a simulated vLLM replica"),
 }
 
 #: ``bench <name>`` -> (owning module, help)
