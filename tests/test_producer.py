@@ -25,7 +25,7 @@ SCOPE = types.Scope(tenant="t", model="m", hash_scheme="vllm", adapter="lora-a")
 K1, K2, K3 = b"\x00" * 7 + b"\x01", b"\x00" * 7 + b"\x02", b"\x00" * 7 + b"\x03"
 
 
-class Recorder(pb_grpc.InferenceCacheServicer):  # type: ignore[misc]
+class Recorder(pb_grpc.InferenceCacheServicer):
     """Records producer RPCs (message, metadata) in arrival order; can fail the next N."""
 
     def __init__(self) -> None:
