@@ -21,7 +21,8 @@ Everything is soft state: the sink methods never block (they raise only on misus
 ordered outbox to one sender task; each RPC has its own timeout; an RPC error is logged and
 the message dropped (the server's TTL cleans up what a lost removal leaves behind). When a
 token file is configured it is re-read on every RPC (so a rotated projected token is picked
-up) and sent as ``authorization: Bearer <token>``.
+up) and sent as ``authorization: Bearer <token>``. The channel is plaintext (the original's
+default) unless a CA file is given: then TLS, verified against that CA.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class ProducerSettings:
     outbox_size: int = DEFAULT_OUTBOX_SIZE
     #: File holding a bearer token for servers that authenticate producers; re-read per RPC.
     token_file: Path | None = None
+    #: PEM CA bundle: when set the channel uses TLS verified against it (else plaintext).
+    tls_ca_file: Path | None = None
+    #: Expected server name in its certificate, when it differs from the ``server`` host.
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         if not self.window_s > 0:
@@ -87,6 +92,8 @@ class ProducerSettings:
             raise ValueError(f"rpc_timeout_s must be positive, got {self.rpc_timeout_s}")
         if self.outbox_size < 1:
             raise ValueError(f"outbox_size must be >= 1, got {self.outbox_size}")
+        if self.tls_server_name and self.tls_ca_file is None:
+            raise ValueError("tls_server_name needs tls_ca_file")
 
 
 @dataclass(slots=True)
@@ -150,10 +157,18 @@ class Producer:
         loop = asyncio.get_running_loop()
         if self._call_later is None:
             self._call_later = loop.call_later
-        self._channel = grpc.aio.insecure_channel(self.settings.server)
+        self._channel = self._open_channel()
         self._stub = pb_grpc.InferenceCacheStub(self._channel)
         self._sender = asyncio.create_task(self._send_loop(), name="producer-sender")
         self._accepting = True
+
+    def _open_channel(self) -> Any:
+        s = self.settings
+        if s.tls_ca_file is None:
+            return grpc.aio.insecure_channel(s.server)
+        credentials = grpc.ssl_channel_credentials(root_certificates=s.tls_ca_file.read_bytes())
+        options = [("grpc.ssl_target_name_override", s.tls_server_name)] if s.tls_server_name else []
+        return grpc.aio.secure_channel(s.server, credentials, options=options)
 
     async def aclose(self) -> None:
         """Flush what is pending, send everything queued, then close the channel.

@@ -16,7 +16,8 @@ Flags follow the original (seed inventory §5.5) with these differences:
 - ``--hash-scheme`` accepts only ``vllm``: the in-pod mapper produces our content
   fingerprints, which is that scheme; the engine's own hashes are never forwarded.
 - added: ``--replay-endpoint``, ``--block-size``, ``--kv-events-bind``,
-  ``--lora-adapter-names id=name,...`` and ``--token-file`` (producer auth);
+  ``--lora-adapter-names id=name,...``, ``--token-file`` (producer auth) and
+  ``--tls-ca-file``/``--tls-server-name`` (TLS to the server; plaintext by default);
   ``--engine-metrics-url ""`` disables the stats loop.
 
 Exit codes: 0 after a graceful SIGTERM/SIGINT, 2 for invalid flags, 1 when ingestion dies.
@@ -90,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--topic", default="", help='ZMQ topic prefix; "" = every topic (vLLM\'s default)')
     add("--server", default="127.0.0.1:9090", help="the server's producer gRPC address host:port")
     add("--token-file", type=Path, default=None, help="bearer token for producer auth, re-read per RPC")
+    add("--tls-ca-file", type=Path, default=None, help="PEM CA: use TLS to --server, verified against it")
+    add("--tls-server-name", default="", help="the server certificate's name, if not --server's host")
     add("--replica-id", required=True, help="this engine rank's HTTP ip:port (what Envoy routes to)")
     add("--model-id", required=True)
     add("--tenant-id", default="")
@@ -137,6 +140,9 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         raise UsageError("--window must be positive")
     if not args.stats_interval > 0:
         raise UsageError("--stats-interval must be positive")
+    for flag, path in (("--token-file", args.token_file), ("--tls-ca-file", args.tls_ca_file)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
     lora_names: Mapping[int, str] = args.lora_adapter_names
     try:
         endpoint = EndpointConfig(
@@ -158,6 +164,8 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
             hash_scheme=args.hash_scheme,
             window_s=args.window,
             token_file=args.token_file,
+            tls_ca_file=args.tls_ca_file,
+            tls_server_name=args.tls_server_name,
         )
         scrape = (
             enginestats.ScrapeSettings(

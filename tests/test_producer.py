@@ -9,6 +9,7 @@ and the server's behaviour (a recording servicer). Not mocked: gRPC itself: a re
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,36 @@ async def server() -> AsyncIterator[tuple[str, Recorder]]:
     await srv.start()
     try:
         yield f"127.0.0.1:{port}", recorder
+    finally:
+        await srv.stop(None)
+
+
+@pytest.fixture
+def server_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and ``inference-cache-server`` (``openssl``)."""
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "1", "-subj", "/CN=inference-cache-server", "-addext",
+         "subjectAltName=DNS:inference-cache-server,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+async def tls_server(server_cert: tuple[Path, Path]) -> AsyncIterator[tuple[str, Recorder, Path]]:
+    """A recording server serving ``server_cert``."""
+    cert, key = server_cert
+    recorder = Recorder()
+    srv = grpc.aio.server()
+    pb_grpc.add_InferenceCacheServicer_to_server(recorder, srv)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = srv.add_secure_port("127.0.0.1:0", credentials)
+    await srv.start()
+    try:
+        yield f"127.0.0.1:{port}", recorder, cert
     finally:
         await srv.stop(None)
 
@@ -262,3 +293,24 @@ async def test_mismatched_counts_are_a_programming_error(server: tuple[str, Reco
     async with prod.Producer(settings(address), call_later=ManualTimer()) as p:
         with pytest.raises(ValueError, match="token counts"):
             p.blocks_stored(SCOPE, "r", [K1, K2], [16])
+
+
+@pytest.mark.parametrize(
+    "server_name", [pytest.param("", id="by-ip"), pytest.param("inference-cache-server", id="by-name")]
+)
+async def test_tls_channel_verified_against_the_ca(
+    tls_server: tuple[str, Recorder, Path], server_name: str
+) -> None:
+    address, rec, ca = tls_server
+    async with prod.Producer(settings(address, tls_ca_file=ca, tls_server_name=server_name)) as p:
+        p.blocks_removed(SCOPE, "r", [K1])
+        await p.idle()
+    assert [m.prefix_hash for m in rec.messages] == [K1]
+
+
+async def test_plaintext_producer_cannot_talk_to_a_tls_server(tls_server: tuple[str, Recorder, Path]) -> None:
+    address, rec, _ = tls_server
+    async with prod.Producer(settings(address)) as p:
+        p.blocks_removed(SCOPE, "r", [K1])
+        await p.idle()
+    assert (rec.messages, p.counters.rpc_errors) == ([], 1)

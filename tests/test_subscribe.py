@@ -83,6 +83,8 @@ def test_defaults_match_the_original_except_the_topic() -> None:
 
 
 def test_every_flag_reaches_the_settings(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("token")
+    (tmp_path / "ca.pem").write_text("not parsed before start")
     s = subscribe.settings_from_args(
         parse(
             *REQUIRED,
@@ -92,6 +94,8 @@ def test_every_flag_reaches_the_settings(tmp_path: Path) -> None:
             "--topic=kv-events",
             "--server=srv:9091",
             f"--token-file={tmp_path / 't'}",
+            f"--tls-ca-file={tmp_path / 'ca.pem'}",
+            "--tls-server-name=inference-cache-server.svc",
             "--tenant-id=acme",
             "--block-size=32",
             "--lora-adapter-names=1=a, 2=b",
@@ -115,6 +119,7 @@ def test_every_flag_reaches_the_settings(tmp_path: Path) -> None:
     )
     assert dict(e.lora_names) == {1: "a", 2: "b"}
     assert (p.server, p.token_file, p.tenant, p.window_s) == ("srv:9091", tmp_path / "t", "acme", 0.25)
+    assert (p.tls_ca_file, p.tls_server_name) == (tmp_path / "ca.pem", "inference-cache-server.svc")
     assert s.scrape == enginestats.ScrapeSettings(
         url="http://e/metrics",
         tier=enginestats.CacheTier.GPU,
@@ -140,6 +145,9 @@ def test_empty_metrics_url_disables_stats() -> None:
         pytest.param([*REQUIRED, "--stats-interval=0"], "--stats-interval", id="zero-interval"),
         pytest.param([*REQUIRED, "--block-size=0"], "block_size", id="zero-block-size"),
         pytest.param([*REQUIRED, "--engine-cache-size-bytes=-1"], "cache_size_bytes", id="negative-size"),
+        pytest.param([*REQUIRED, "--token-file=/nonexistent/t"], "--token-file", id="missing-token-file"),
+        pytest.param([*REQUIRED, "--tls-ca-file=/nonexistent/ca"], "--tls-ca-file", id="missing-ca-file"),
+        pytest.param([*REQUIRED, "--tls-server-name=x"], "tls_ca_file", id="server-name-without-ca"),
     ],
 )
 def test_invalid_values_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
