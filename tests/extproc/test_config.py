@@ -1,0 +1,206 @@
+"""``inference_cache.config``: strict YAML decoding, validation messages, precedence.
+
+Nothing is mocked: documents are parsed from strings; the example file is the one
+``make run`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from inference_cache.extproc import serve
+
+from inference_cache import config
+
+REPO = Path(__file__).resolve().parents[2]
+
+BASE = """
+models:
+  - name: m
+    block_size: 32
+    lora_adapters: [{name: sql, id: 1}]
+endpoints:
+  - address: 10.0.0.1:8000
+    model: m
+    tenant: team-a
+    kv_events: tcp://10.0.0.1:5557
+"""
+
+
+def test_example_config_is_valid_and_as_documented() -> None:
+    cfg = config.load(REPO / "examples" / "serve.yaml")
+    assert [m.name for m in cfg.models] == ["demo-model"]
+    assert cfg.models[0].block_size == 16
+    assert cfg.models[0].tokenizer is None
+    assert [e.address for e in cfg.endpoints] == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert all(e.kv_events.startswith("tcp://127.0.0.1:") for e in cfg.endpoints)
+
+
+def test_decodes_every_field_with_defaults() -> None:
+    cfg = config.parse(BASE)
+    assert cfg.models[0] == config.ModelConfig(
+        name="m", block_size=32, lora_adapters=(config.LoraAdapter("sql", 1),)
+    )
+    e = cfg.endpoints[0]
+    assert (e.tenant, e.kv_events_bind, e.replay, e.topic, e.metrics_url) == ("team-a", False, None, "", None)
+    assert cfg.health_interval_s == 2.0
+    assert cfg.server == config.ServerSettings()
+    assert cfg.tenant_of("m") == "team-a"
+    assert cfg.tenant_of("unknown") == ""
+
+
+def test_empty_document_is_the_default_config() -> None:
+    assert config.parse("") == config.Config()
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        pytest.param(
+            BASE.replace("model: m", "modle: m"),
+            "endpoints[0].modle: unknown key; expected one of address, kv_events",
+            id="unknown-key",
+        ),
+        pytest.param("server: {grpc_port: 1}", "server.grpc_port: unknown key", id="unknown-server-key"),
+        pytest.param(
+            BASE.replace("block_size: 32", "block_size: '32'"),
+            "models[0].block_size: expected an integer, got str '32'",
+            id="string-for-int",
+        ),
+        pytest.param(
+            BASE.replace("block_size: 32", "block_size: true"),
+            "models[0].block_size: expected an integer, got boolean True",
+            id="bool-for-int",
+        ),
+        pytest.param(
+            "server: {insecure_disable_auth: 'yes'}",
+            "server.insecure_disable_auth: expected a boolean, got str 'yes'",
+            id="string-for-bool",
+        ),
+        pytest.param(
+            "models: {name: m}", "models: expected a list of a mapping, got a mapping", id="map-for-list"
+        ),
+        pytest.param("- a", "the top level: expected a mapping, got a list", id="top-level-list"),
+        pytest.param(
+            BASE.replace("    kv_events: tcp://10.0.0.1:5557\n", ""),
+            "endpoints[0].kv_events: required key is missing",
+            id="missing-required",
+        ),
+        pytest.param(
+            BASE.replace("model: m\n    tenant", "model: other\n    tenant"),
+            "endpoints[0].model: unknown model 'other'; add it under models: (known: m)",
+            id="unknown-model",
+        ),
+        pytest.param(
+            BASE + "  - {address: '10.0.0.2:8000', model: m, kv_events: 'tcp://10.0.0.2:5557'}\n",
+            "endpoints[1].tenant: '' differs from endpoints[0].tenant 'team-a'; "
+            "all endpoints of model 'm' must share one tenant",
+            id="tenant-mix",
+        ),
+        pytest.param(
+            BASE + "  - {address: '10.0.0.1:8000', model: m, tenant: team-a, kv_events: 'tcp://x:1'}\n",
+            "endpoints[1].address: '10.0.0.1:8000' is already endpoints[0]",
+            id="duplicate-address",
+        ),
+        pytest.param(
+            BASE.replace("10.0.0.1:8000", "engine-0:8000"),
+            "endpoints[0].address: 'engine-0:8000' must be ip:port",
+            id="hostname-address",
+        ),
+        pytest.param(
+            BASE.replace("tcp://10.0.0.1:5557", "10.0.0.1:5557"),
+            "endpoints[0].kv_events: '10.0.0.1:5557' must be a ZMQ endpoint",
+            id="kv-events-not-zmq",
+        ),
+        pytest.param(
+            BASE + "    metrics_url: 10.0.0.1:8000/metrics\n",
+            "endpoints[0].metrics_url: '10.0.0.1:8000/metrics' must be an http(s) URL",
+            id="metrics-url",
+        ),
+        pytest.param(
+            BASE.replace("block_size: 32", "block_size: 0"),
+            "models[0].block_size: must be > 0",
+            id="block-size",
+        ),
+        pytest.param(
+            BASE + "health_interval_s: 0\n", "health_interval_s: must be > 0 seconds", id="health-interval"
+        ),
+        pytest.param(
+            BASE.replace("{name: sql, id: 1}", "{name: sql, id: 1}, {name: sql2, id: 1}"),
+            "models[0].lora_adapters[1].id: must be a positive LoRA id, unique",
+            id="lora-id",
+        ),
+        pytest.param("models: [{name: m}, {name: m}]", "models[1].name: duplicate model 'm'", id="dup-model"),
+        pytest.param("models: [", "not valid YAML", id="yaml-syntax"),
+    ],
+)
+def test_rejections_name_the_key_and_the_fix(doc: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as exc:
+        config.parse(doc)
+    assert message in str(exc.value)
+
+
+def test_unreadable_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match=r"--config .*missing\.yaml: cannot read"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_precedence_flag_over_env_over_file_over_default() -> None:
+    file = config.ServerSettings(grpc_bind_address="1.1.1.1:1", http_bind_address="1.1.1.1:2")
+    env = {
+        "INFERENCE_CACHE_GRPC_BIND_ADDRESS": "2.2.2.2:1",
+        "INFERENCE_CACHE_HTTP_BIND_ADDRESS": "2.2.2.2:2",
+        "INFERENCE_CACHE_LOG_LEVEL": "debug",
+        "INFERENCE_CACHE_INSECURE_DISABLE_AUTH": "true",
+        "INFERENCE_CACHE_ALLOWED_PRODUCER_SA": "a, b,",
+    }
+    merged = config.merge_server(file, {"grpc_bind_address": "3.3.3.3:1"}, env)
+    assert merged.grpc_bind_address == "3.3.3.3:1"  # flag
+    assert merged.http_bind_address == "2.2.2.2:2"  # env over file
+    assert merged.log_level == "debug"  # env over default
+    assert merged.insecure_disable_auth is True
+    assert merged.allowed_producer_sa == ("a", "b")
+    assert merged.snapshot_bind_address == ":8081"  # default
+
+
+def test_bad_env_boolean_is_rejected_naming_the_variable() -> None:
+    with pytest.raises(config.ConfigError, match="INFERENCE_CACHE_INSECURE_DISABLE_AUTH: expected a boolean"):
+        config.merge_server(config.ServerSettings(), {}, {"INFERENCE_CACHE_INSECURE_DISABLE_AUTH": "maybe"})
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_serve_flags_override_the_file_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "server: {grpc_bind_address: '127.0.0.1:1', log_format: text, insecure_disable_auth: true}\n"
+    )
+    cfg = serve.load_config(
+        _args(
+            "--config",
+            str(path),
+            "--grpc-bind-address",
+            "127.0.0.1:2",
+            "--allowed-producer-sa",
+            "a,b",
+            "--allowed-producer-sa",
+            "c",
+        ),
+        {"INFERENCE_CACHE_LOG_FORMAT": "json", "INFERENCE_CACHE_GRPC_BIND_ADDRESS": "127.0.0.1:3"},
+    )
+    assert cfg.server.grpc_bind_address == "127.0.0.1:2"
+    assert cfg.server.log_format == "json"
+    assert cfg.server.insecure_disable_auth is True
+    assert cfg.server.allowed_producer_sa == ("a", "b", "c")
+
+
+def test_go_style_boolean_flag_values() -> None:
+    assert _args("--insecure-disable-auth").insecure_disable_auth is True
+    assert _args("--insecure-disable-auth=false").insecure_disable_auth is False
+    assert _args().insecure_disable_auth is None  # absent: the env/file/default decide
