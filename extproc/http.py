@@ -21,7 +21,7 @@ auth is disabled); authentication runs before the method check, as in the origin
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, gener
 #: ``/policy`` body cap (the original's ``http.MaxBytesReader`` limit).
 MAX_POLICY_BODY_BYTES: Final = 1 << 20
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = auth.Handler
 
 
 def _text(status: int, text: str, *, headers: dict[str, str] | None = None) -> web.Response:
