@@ -87,9 +87,7 @@ class PolicyStore:
         for t in tenants:
             if t.tenant_id and t.tenant_id not in quo:
                 quo[t.tenant_id] = (
-                    t
-                    if t.max_index_entries >= 0
-                    else TenantQuota(t.tenant_id, 0, t.isolation_mode)
+                    t if t.max_index_entries >= 0 else TenantQuota(t.tenant_id, 0, t.isolation_mode)
                 )
         with self._lock:
             self._policies = pol

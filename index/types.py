@@ -154,3 +154,27 @@ class LookupResult:
         credit, self._credit = self._credit, []
         for entry in credit:
             entry.access_count += 1  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatsRow:
+    """One replica's stats under an exact ``(tenant, model)`` (``GetCacheState``)."""
+
+    replica_id: str
+    stats: ReplicaStats
+
+
+@dataclass(frozen=True, slots=True)
+class CacheState:
+    """``GetCacheState``: stats sorted by replica id, distinct prefix keys (all schemes)."""
+
+    replicas: tuple[ReplicaStatsRow, ...]
+    total_prefixes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """Distinct prefix keys per tenant (``""`` = untenanted) and in total."""
+
+    per_tenant: dict[str, int]
+    total: int
