@@ -1,0 +1,185 @@
+"""The time model of the simulated engine: admission, prefill, decode, event batches.
+
+Owner: ``inference_cache.fakeengine``; ``app`` calls :meth:`Engine.generate` per request,
+the engine drives ``prefix_cache`` and hands its events to a sink (``publisher`` through
+``events``). The model:
+
+* at most ``max_num_seqs`` requests run; the others wait in FIFO order (the head of the
+  queue also waits for KV blocks, as vLLM's scheduler does);
+* a running request first prefills its uncached prompt tokens at
+  ``prefill_tokens_per_second`` (its first token comes out then), then decodes one token
+  every ``1 / decode_tokens_per_second``; requests do not slow each other down;
+* the events recorded while handling one event-loop turn go out as one batch, the way vLLM
+  publishes one batch per engine step;
+* the clock is injected: :class:`LoopClock` follows the event loop, so a virtual-time loop
+  (``looptime``) runs the model without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from inference_cache.fakeengine import events as ev
+from inference_cache.fakeengine import prefix_cache
+from inference_cache.fakeengine.hashing import LoRA
+from inference_cache.fakeengine.prefix_cache import PrefixCache
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Wall-clock seconds (the ``ts`` of an event batch)."""
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class LoopClock:
+    """The running event loop's clock for durations, ``time.time`` for timestamps."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    prefill_tokens_per_second: float = 10000.0
+    decode_tokens_per_second: float = 100.0
+    max_num_seqs: int = 256
+
+
+class RequestRejected(ValueError):
+    """The request can never be served (it needs more blocks than the engine has)."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+EventSink = Callable[[list[ev.Event]], None]
+
+
+class Engine:
+    def __init__(self, cache: PrefixCache, model: TimeModel, *, sink: EventSink, clock: Clock) -> None:
+        self.cache = cache
+        self.model = model
+        self.clock = clock
+        self._sink = sink
+        self._waiting: deque[tuple[prefix_cache.Sequence, asyncio.Future[None]]] = deque()
+        self._running = 0
+        self._stalled_until = 0.0
+        self._flush_scheduled = False
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def stall(self, seconds: float) -> None:
+        """Fault: no request makes progress for ``seconds`` from now."""
+        self._stalled_until = max(self._stalled_until, self.clock.monotonic() + seconds)
+
+    def reset_prefix_cache(self, *, force: bool = False) -> bool:
+        done = self.cache.reset(force=force)
+        self._events_recorded()
+        return done
+
+    async def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        *,
+        output_token_ids: Sequence[int],
+        lora: LoRA | None = None,
+        cache_salt: str | None = None,
+    ) -> AsyncGenerator[Admission | int, None]:
+        """Run one request: yields its :class:`Admission` once admitted, then each output
+        token id when the time model produces it."""
+        seq = prefix_cache.Sequence(
+            list(prompt_token_ids), max_tokens=len(output_token_ids), lora=lora, cache_salt=cache_salt
+        )
+        if not seq.token_ids:
+            raise RequestRejected("empty prompt")
+        if not self.cache.fits_ever(seq):
+            needed = self.cache.blocks_needed(seq.num_prompt_tokens + len(output_token_ids) - 1)
+            raise RequestRejected(
+                f"the request needs {needed} KV blocks, the engine has {self.cache.usable_blocks}"
+            )
+        await self._admit(seq)
+        try:
+            yield Admission(seq.num_prompt_tokens, seq.num_cached_tokens)
+            uncached = seq.num_prompt_tokens - seq.num_cached_tokens
+            await self._pause(uncached / self.model.prefill_tokens_per_second)
+            for i, token in enumerate(output_token_ids):
+                if i:
+                    await self._pause(1.0 / self.model.decode_tokens_per_second)
+                    self.cache.advance(seq, token)
+                    self._events_recorded()
+                else:
+                    seq.token_ids.append(token)
+                yield token
+        finally:
+            self.cache.free(seq)
+            self._running -= 1
+            self._admit_waiting()
+
+    async def _admit(self, seq: prefix_cache.Sequence) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((seq, fut))
+        self._admit_waiting()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # admitted, then cancelled: give it back
+                self.cache.free(seq)
+                self._running -= 1
+                self._admit_waiting()
+            else:
+                with contextlib.suppress(ValueError):  # already skipped by _admit_waiting
+                    self._waiting.remove((seq, fut))
+            raise
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self._running < self.model.max_num_seqs:
+            seq, fut = self._waiting[0]
+            if fut.cancelled():
+                self._waiting.popleft()
+                continue
+            if not self.cache.admit(seq):
+                break
+            self._waiting.popleft()
+            self._running += 1
+            fut.set_result(None)
+            self._events_recorded()
+
+    async def _pause(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)
+        while (left := self._stalled_until - self.clock.monotonic()) > 0:
+            await self.clock.sleep(left)
+
+    def _events_recorded(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch = self.cache.take_events()
+        if batch:
+            self._sink(batch)
