@@ -1,0 +1,202 @@
+"""The server's Prometheus registry: the original's series, plus ingest and index size.
+
+Owner: ``inference_cache.extproc`` (the server). One :class:`ServerMetrics` per server
+(never the global default registry, so two servers in one process do not collide). Place
+in the flow: the gRPC API observes LookupRoute calls here, the HTTP auth middlewares count
+results here, and ``/metrics`` / ``StreamMetrics`` read :attr:`ServerMetrics.registry`.
+
+Numbers owned by the index (entries, evictions, sizes) and by the KV-event ingest (events,
+decode errors, gaps, ...) are not pushed: :class:`StateCollector` reads them at scrape time
+through two callables the composition root supplies, so the hot paths never touch metrics.
+
+Contract series (names, labels and buckets exactly as the original, see
+``docs/reference/metrics.md`` there): ``inferencecache_server_up``,
+``inferencecache_server_grpc_tls_enabled``, ``inferencecache_index_entries{model}``,
+``inferencecache_lookup_route_calls_total{model,reason_code,hint_used}``,
+``inferencecache_lookup_route_latency_seconds{model}``,
+``inferencecache_tenant_evictions_total{tenant_id,reason}``,
+``inferencecache_index_evictions_total{algorithm,reason}``,
+``inferencecache_snapshot_auth_total{result}``, ``inferencecache_policy_auth_total{result}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LOOKUP_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexReadings:
+    """What the index reports at scrape time."""
+
+    #: Distinct prefix keys per model (all tenants and schemes).
+    entries_by_model: Mapping[str, int] = field(default_factory=dict)
+    #: Replica x key entries.
+    entries: int = 0
+    #: Distinct keys.
+    distinct_keys: int = 0
+    #: Replicas holding at least one entry or stats.
+    replicas: int = 0
+    #: (tenant_id, reason) -> distinct prefixes evicted by tenant quota.
+    tenant_evictions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    #: (algorithm, reason) -> replica x prefix entries removed by sweeps/cap.
+    index_evictions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestReadings:
+    """KV-event ingest counters, summed over every endpoint's subscriber."""
+
+    #: Event type (``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared``) -> count.
+    events: Mapping[str, int] = field(default_factory=dict)
+    decode_errors: int = 0
+    gaps: int = 0
+    replays: int = 0
+    resyncs: int = 0
+    orphan_blocks: int = 0
+    #: Reason -> blocks skipped (not ingested).
+    skipped_blocks: Mapping[str, int] = field(default_factory=dict)
+
+
+class StateCollector(Collector):
+    """Reads index and ingest counters at scrape time.
+
+    ``inferencecache_index_entries{model}`` keeps reporting 0 for a model that drained
+    (as the original: set to 0, not deleted).
+    """
+
+    def __init__(
+        self, read_index: Callable[[], IndexReadings], read_ingest: Callable[[], IngestReadings]
+    ) -> None:
+        self._read_index = read_index
+        self._read_ingest = read_ingest
+        self._models_seen: set[str] = set()
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        idx = self._read_index()
+        self._models_seen.update(idx.entries_by_model)
+        entries = GaugeMetricFamily(
+            "inferencecache_index_entries", "Distinct prefix keys per model.", labels=["model"]
+        )
+        for model in sorted(self._models_seen):
+            entries.add_metric([model], idx.entries_by_model.get(model, 0))
+        yield entries
+        yield GaugeMetricFamily(
+            "inferencecache_index_size_entries", "Replica x key entries in the index.", idx.entries
+        )
+        yield GaugeMetricFamily(
+            "inferencecache_index_distinct_keys", "Distinct block keys in the index.", idx.distinct_keys
+        )
+        yield GaugeMetricFamily("inferencecache_index_replicas", "Replicas known to the index.", idx.replicas)
+        tenant = CounterMetricFamily(
+            "inferencecache_tenant_evictions",
+            "Distinct prefixes evicted by tenant quota.",
+            labels=["tenant_id", "reason"],
+        )
+        for (tenant_id, reason), n in sorted(idx.tenant_evictions.items()):
+            tenant.add_metric([tenant_id, reason], n)
+        yield tenant
+        evictions = CounterMetricFamily(
+            "inferencecache_index_evictions",
+            "Replica x prefix entries removed by sweeps.",
+            labels=["algorithm", "reason"],
+        )
+        for (algorithm, reason), n in sorted(idx.index_evictions.items()):
+            evictions.add_metric([algorithm, reason], n)
+        yield evictions
+
+        ing = self._read_ingest()
+        events = CounterMetricFamily(
+            "inferencecache_kv_events", "KV events ingested, by event type.", labels=["type"]
+        )
+        for type_, n in sorted(ing.events.items()):
+            events.add_metric([type_], n)
+        yield events
+        for name, help_, value in (
+            (
+                "inferencecache_kv_event_decode_errors",
+                "KV-event batches that failed to decode.",
+                ing.decode_errors,
+            ),
+            ("inferencecache_kv_event_gaps", "Sequence gaps seen on KV-event streams.", ing.gaps),
+            ("inferencecache_kv_event_replays", "Replay requests sent to engines.", ing.replays),
+            ("inferencecache_kv_event_resyncs", "Replica state dropped to resynchronise.", ing.resyncs),
+            ("inferencecache_kv_orphan_blocks", "Stored blocks whose parent was unknown.", ing.orphan_blocks),
+        ):
+            yield CounterMetricFamily(name, help_, value=value)
+        skipped = CounterMetricFamily(
+            "inferencecache_kv_skipped_blocks", "Blocks not ingested, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(ing.skipped_blocks.items()):
+            skipped.add_metric([reason], n)
+        yield skipped
+
+
+class ServerMetrics:
+    """The per-server registry and the collectors the server pushes to."""
+
+    def __init__(
+        self,
+        *,
+        read_index: Callable[[], IndexReadings] = IndexReadings,
+        read_ingest: Callable[[], IngestReadings] = IngestReadings,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.up = Gauge("inferencecache_server_up", "1 while the server is serving.", registry=r)
+        self.grpc_tls_enabled = Gauge(
+            "inferencecache_server_grpc_tls_enabled", "1 when gRPC serves TLS, else 0.", registry=r
+        )
+        self.lookup_calls = Counter(
+            "inferencecache_lookup_route_calls",
+            "LookupRoute calls by outcome.",
+            ["model", "reason_code", "hint_used"],
+            registry=r,
+        )
+        self.lookup_latency = Histogram(
+            "inferencecache_lookup_route_latency_seconds",
+            "LookupRoute handler latency.",
+            ["model"],
+            buckets=LOOKUP_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.snapshot_auth = Counter(
+            "inferencecache_snapshot_auth", "/snapshot auth results.", ["result"], registry=r
+        )
+        self.policy_auth = Counter(
+            "inferencecache_policy_auth", "/policy auth results.", ["result"], registry=r
+        )
+        self.producer_auth = Counter(
+            "inferencecache_producer_auth", "Write-RPC auth results.", ["result"], registry=r
+        )
+        self.stream_events_dropped = Counter(
+            "inferencecache_stream_events_dropped",
+            "Cache events dropped because a StreamCacheEvents consumer was too slow.",
+            registry=r,
+        )
+        self.endpoint_ready = Gauge(
+            "inferencecache_endpoint_ready",
+            "1 while the configured engine endpoint answers its health probe.",
+            ["replica_id"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(StateCollector(read_index, read_ingest))
+
+    def observe_lookup(self, model: str, reason_code: str, hint_used: bool, seconds: float) -> None:
+        self.lookup_calls.labels(model, reason_code, "true" if hint_used else "false").inc()
+        self.lookup_latency.labels(model).observe(seconds)

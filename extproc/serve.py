@@ -1,0 +1,593 @@
+"""``inference-cache serve``: the composition root of the cache-plane server.
+
+Owner: ``inference_cache.extproc``. ``inference_cache.cli`` maps ``serve`` here
+(``add_arguments`` / ``run``). Everything the server runs is built here, once, from one
+:class:`~inference_cache.config.Config`, and runs on ONE asyncio loop::
+
+    grpc.aio server   --grpc-bind-address      InferenceCache + grpc.health.v1 ("" SERVING)
+                                                 + server reflection
+    grpc.aio server   --producer-bind-address  (optional) the write RPCs only, + health
+    aiohttp public    --http-bind-address      /healthz /readyz /metrics
+    aiohttp control   --snapshot-bind-address  /snapshot /policy (ServiceAccount auth)
+    index sweep ticker                          Index.sweep() every sweep_interval_s
+    one EndpointWorker per endpoints[] entry    probe + KV events + stats scrape
+
+Flags are the original's (``--grpc-bind-address`` ... ``--log-level``; ``:port`` = all
+interfaces) plus ``--config FILE`` and the producer options:
+
+- ``--producer-bind-address ADDR``: serve ReportCacheState and PublishEvent ONLY there; on
+  the main gRPC port they answer ``UNIMPLEMENTED`` (and the read RPCs answer
+  ``UNIMPLEMENTED`` on the producer port). Lets a NetworkPolicy keep writers apart.
+- ``--allowed-producer-sa SA`` (repeatable and/or comma-separated): require on the write RPCs
+  gRPC metadata ``authorization: Bearer <token>`` whose TokenReview (audience
+  ``--producer-audience``, default ``inferencecache.io/producer``) names one of these
+  ServiceAccounts. Missing/invalid token -> ``UNAUTHENTICATED``, another identity ->
+  ``PERMISSION_DENIED``, review unavailable -> ``UNAVAILABLE`` (fail closed). Results are
+  counted in ``inferencecache_producer_auth_total{result}``. Unset: writes are open, as in
+  the original.
+
+Exit codes: 0 after a graceful shutdown (SIGINT/SIGTERM), 2 for invalid flags or config
+(message on stderr), 1 when serving fails (``serve_error``) or TLS/in-cluster setup fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import grpc
+import prometheus_client
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from inference_cache.extproc import auth, endpoints, grpc_api, http
+from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
+from inference_cache.index import policy as policy_mod
+from inference_cache.index import snapshot, store
+from inference_cache.proto import pb, pb_grpc
+
+from inference_cache import __version__ as _version
+from inference_cache import config as config_mod
+
+log = logging.getLogger("inference_cache.serve")
+
+#: Seconds in-flight RPCs get to finish on shutdown (the HTTP servers get the same).
+SHUTDOWN_GRACE_S = 5.0
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+LOG_FORMATS = ("json", "text")
+
+
+# -- flags ---------------------------------------------------------------------------------
+
+#: flag -> (help, metavar); every ServerSettings field has one.
+_FLAG_HELP: dict[str, str] = {
+    "grpc_bind_address": "gRPC listen address (':port' = all interfaces)",
+    "http_bind_address": "public HTTP listen address: /healthz /readyz /metrics",
+    "snapshot_bind_address": "controller-only HTTP listen address: /snapshot /policy",
+    "allowed_controller_sa": "the ServiceAccount allowed on /snapshot and /policy, e.g. "
+    "system:serviceaccount:inference-cache-system:inference-cache-controller-manager",
+    "insecure_disable_auth": "no auth on /snapshot and /policy (local development only)",
+    "controller_audience": "TokenReview audience of controller tokens",
+    "tls_cert_file": "PEM certificate for gRPC TLS (with --tls-key-file)",
+    "tls_key_file": "PEM private key for gRPC TLS (with --tls-cert-file)",
+    "log_format": "json or text",
+    "log_level": "debug, info, warn or error",
+    "producer_bind_address": "serve ReportCacheState/PublishEvent only on this gRPC address",
+    "allowed_producer_sa": "require a bearer token of this ServiceAccount on the write RPCs "
+    "(repeatable, or comma-separated)",
+    "producer_audience": "TokenReview audience of producer tokens",
+}
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "t", "true"):
+        return True
+    if low in ("0", "f", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve flags. Defaults are ``None`` so precedence (flag > env > file > default)
+    can tell an absent flag from a given one; the help shows the real defaults."""
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration (see inference_cache.config)")
+    defaults = config_mod.ServerSettings()
+    for f in fields(config_mod.ServerSettings):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_ = f"{_FLAG_HELP[f.name]} (default {default!r}; env {config_mod.env_name(f.name)})"
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, nargs="?", const=True, type=_parse_bool, default=None, metavar="BOOL", help=help_
+            )
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, action="append", default=None, metavar="SA", help=help_)
+        else:
+            parser.add_argument(flag, default=None, metavar="VALUE", help=help_)
+
+
+def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(config_mod.ServerSettings):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "allowed_producer_sa":
+            value = tuple(sa for item in value for sa in item.split(","))
+        out[f.name] = value
+    return out
+
+
+class UsageError(Exception):
+    """Invalid flags or configuration: exit 2 with the message on stderr."""
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> config_mod.Config:
+    """File + environment + flags -> a validated config; raises :class:`UsageError`."""
+    try:
+        cfg = config_mod.load(args.config) if getattr(args, "config", None) else config_mod.Config()
+        server = config_mod.merge_server(cfg.server, _given_flags(args), environ)
+    except config_mod.ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    problem = validate_server(server)
+    if problem:
+        raise UsageError(problem)
+    return dataclasses.replace(cfg, server=server)
+
+
+def validate_server(s: config_mod.ServerSettings) -> str | None:
+    """The startup flag rules; a message (exit 2) or ``None``."""
+    if s.log_format.strip().lower() not in (*LOG_FORMATS, ""):
+        return f'invalid --log-format "{s.log_format}": want json or text'
+    if s.log_level.strip().lower() not in LOG_LEVELS:
+        return f'invalid --log-level "{s.log_level}": want debug, info, warn or error'
+    problem = auth.validate_controller_auth_flags(
+        allowed_controller_sa=s.allowed_controller_sa,
+        insecure_disable_auth=s.insecure_disable_auth,
+        controller_audience=s.controller_audience,
+    )
+    if problem:
+        return problem
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        return "--tls-cert-file and --tls-key-file must be set together (both for TLS, neither for plaintext)"
+    for sa in s.allowed_producer_sa:
+        if not sa or sa.strip() != sa:
+            return f"--allowed-producer-sa has an empty entry or leading/trailing whitespace ({sa!r})"
+    if s.allowed_producer_sa and (
+        not s.producer_audience.strip() or s.producer_audience.strip() != s.producer_audience
+    ):
+        return (
+            "--producer-audience must be non-empty and without leading/trailing whitespace "
+            "when --allowed-producer-sa is set"
+        )
+    for flag, address in (
+        ("--grpc-bind-address", s.grpc_bind_address),
+        ("--http-bind-address", s.http_bind_address),
+        ("--snapshot-bind-address", s.snapshot_bind_address),
+        ("--producer-bind-address", s.producer_bind_address or ":0"),
+    ):
+        try:
+            config_mod.split_host_port(address)
+        except ValueError as exc:
+            return f"invalid {flag}: {exc}"
+    return None
+
+
+# -- logging ---------------------------------------------------------------------------------
+
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    """slog-style JSON lines: ``{"time", "level", "msg", ...extras}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": "WARN" if record.levelno == logging.WARNING else record.levelname,
+            "msg": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """slog-style text lines: ``time=... level=INFO msg=startup key=value``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "WARN" if record.levelno == logging.WARNING else record.levelname
+        parts = [f"time={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(record.created))}", f"level={level}"]
+        parts += [f"msg={json.dumps(record.getMessage())}"]
+        parts += [f"{k}={json.dumps(v, default=str)}" for k, v in _extras(record).items()]
+        return " ".join(parts)
+
+
+def configure_logging(log_format: str, log_level: str, stream: TextIO = sys.stderr) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter() if log_format.strip().lower() == "text" else JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LOG_LEVELS[log_level.strip().lower()])
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+def listen_host(address: str) -> tuple[str | None, int]:
+    """``host:port`` -> (aiohttp host, port); ``:port`` -> all interfaces (``None``)."""
+    host, port = config_mod.split_host_port(address)
+    return (host or None), port
+
+
+def grpc_address(address: str) -> str:
+    host, port = config_mod.split_host_port(address)
+    if not host:
+        return f"[::]:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def grpc_credentials(settings: config_mod.ServerSettings) -> grpc.ServerCredentials | None:
+    """Server TLS credentials, or ``None`` for plaintext.
+
+    SEAM(tls): ``extproc/tls.py`` (the HTTP engineer's) brings credentials that reload the
+    certificate on rotation; until it lands the keypair is read once here.
+    """
+    if not settings.tls_cert_file:
+        return None
+    cert = Path(settings.tls_cert_file).read_bytes()
+    key = Path(settings.tls_key_file).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def index_readings(index: store.Index) -> IndexReadings:
+    return IndexReadings(
+        entries_by_model=index.entries_by_model(),
+        entries=index.total_entries,
+        distinct_keys=index.distinct_prefixes,
+        replicas=index.stats_count,
+        tenant_evictions={(t, "over_entries"): n for t, n in index.tenant_evictions.items()},
+        index_evictions=dict(index.index_evictions),
+    )
+
+
+def ingest_readings(workers: Sequence[endpoints.EndpointWorker]) -> IngestReadings:
+    events: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    totals = dict.fromkeys(("decode_errors", "gaps", "replays", "resyncs", "orphan_blocks"), 0)
+    for w in workers:
+        c = w.counters
+        for k, n in c.events.items():
+            events[k] = events.get(k, 0) + n
+        for k, n in c.skipped_blocks.items():
+            skipped[k] = skipped.get(k, 0) + n
+        totals["decode_errors"] += sum(c.decode_errors.values())
+        totals["gaps"] += c.gaps
+        totals["replays"] += c.replays_requested
+        totals["resyncs"] += c.resyncs
+        totals["orphan_blocks"] += c.orphan_blocks
+    return IngestReadings(events=events, skipped_blocks=skipped, **totals)
+
+
+class ProducerAuthenticator:
+    """Admits a bearer token of any ServiceAccount in ``allowed`` (one TokenReview per
+    distinct token and SA, cached 30 s by ``auth.Authenticator``)."""
+
+    def __init__(self, reviewer: auth.TokenReviewer, *, allowed: Sequence[str], audience: str) -> None:
+        self._chain = [auth.Authenticator(reviewer, expected_sa=sa, audience=audience) for sa in allowed]
+
+    async def __call__(self, authorization: str | None) -> auth.AuthResult:
+        result = auth.AuthResult.FORBIDDEN
+        for authn in self._chain:
+            result = await authn.authenticate(authorization)
+            # Only "another identity" can be another SA's success; anything else is final.
+            if result is not auth.AuthResult.FORBIDDEN:
+                return result
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class BoundAddresses:
+    """Where the listeners actually bound (``host:port``, ports resolved)."""
+
+    grpc: str
+    http: str
+    snapshot: str
+    producer: str | None
+
+
+class Server:
+    """Build from a config, ``await start()``, ``await stop()``; tests run it in-process."""
+
+    def __init__(
+        self,
+        config: config_mod.Config,
+        *,
+        index_settings: store.IndexSettings | None = None,
+        reviewer: auth.TokenReviewer | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.perf_counter,
+        stream_metrics_interval_s: float = 10.0,
+        stream_queue_size: int = 1024,
+    ) -> None:
+        self.config = config
+        s = config.server
+        self.policies = policy_mod.PolicyStore()
+        self.index = store.Index(index_settings, policies=self.policies, clock=clock)
+        self.workers: list[endpoints.EndpointWorker] = []
+        self.metrics = ServerMetrics(
+            read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
+        )
+        self._reviewer = reviewer
+        self._clock = clock
+        self._monotonic = monotonic
+        self._stream_metrics_interval_s = stream_metrics_interval_s
+        self._stream_queue_size = stream_queue_size
+        self._credentials = grpc_credentials(s)
+        self.metrics.grpc_tls_enabled.set(1 if self._credentials is not None else 0)
+        self._grpc: grpc.aio.Server | None = None
+        self._producer: grpc.aio.Server | None = None
+        self._health: list[health.aio.HealthServicer] = []
+        self._runners: list[web.AppRunner] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.addresses: BoundAddresses | None = None
+
+    # -- building blocks --------------------------------------------------------------------
+    def _authenticator(self, counter: Callable[[str], None]) -> auth.Authenticator | None:
+        s = self.config.server
+        if s.insecure_disable_auth:
+            return None
+        if self._reviewer is None:
+            raise RuntimeError("controller auth needs a TokenReviewer")
+        return auth.Authenticator(
+            self._reviewer,
+            expected_sa=s.allowed_controller_sa,
+            audience=s.controller_audience,
+            on_result=counter,
+        )
+
+    def _service(self, *, reads: bool, writes: bool) -> grpc_api.InferenceCacheService:
+        s = self.config.server
+        producer_auth = None
+        if writes and s.allowed_producer_sa:
+            if self._reviewer is None:
+                raise RuntimeError("producer auth needs a TokenReviewer")
+            producer_auth = ProducerAuthenticator(
+                self._reviewer, allowed=s.allowed_producer_sa, audience=s.producer_audience
+            )
+        return grpc_api.InferenceCacheService(
+            index=self.index,
+            policies=self.policies,
+            config=self.config,
+            metrics=self.metrics,
+            reads=reads,
+            writes=writes,
+            producer_auth=producer_auth,
+            clock=self._clock,
+            monotonic=self._monotonic,
+            stream_queue_size=self._stream_queue_size,
+            metrics_interval_s=self._stream_metrics_interval_s,
+        )
+
+    async def _grpc_server(
+        self, service: grpc_api.InferenceCacheService, address: str
+    ) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        pb_grpc.add_InferenceCacheServicer_to_server(service, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health.append(health_servicer)
+        reflection.enable_server_reflection(
+            (
+                pb.DESCRIPTOR.services_by_name["InferenceCache"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        target = grpc_address(address)
+        if self._credentials is not None:
+            port = server.add_secure_port(target, self._credentials)
+        else:
+            port = server.add_insecure_port(target)
+        await server.start()
+        return server, port
+
+    async def _http_site(self, app: web.Application, address: str) -> str:
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = listen_host(address)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        return f"{host or ''}:{bound}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> BoundAddresses:
+        """Index first, then listeners, then background tasks (the original's order)."""
+        s = self.config.server
+        self.index.start()
+        split = bool(s.producer_bind_address)
+        self._grpc, grpc_port = await self._grpc_server(
+            self._service(reads=True, writes=not split), s.grpc_bind_address
+        )
+        producer = None
+        if split:
+            self._producer, producer_port = await self._grpc_server(
+                self._service(reads=False, writes=True), s.producer_bind_address
+            )
+            producer = f"{config_mod.split_host_port(s.producer_bind_address)[0]}:{producer_port}"
+        public = http.build_public_app(is_ready=lambda: self.index.ready, registry=self.metrics.registry)
+        controller = http.build_controller_app(
+            snapshot_json=lambda: snapshot.encode_json(self.index.snapshot()),
+            policies=self.policies,
+            snapshot_auth=self._authenticator(lambda r: self.metrics.snapshot_auth.labels(r).inc()),
+            policy_auth=self._authenticator(lambda r: self.metrics.policy_auth.labels(r).inc()),
+        )
+        http_addr = await self._http_site(public, s.http_bind_address)
+        snapshot_addr = await self._http_site(controller, s.snapshot_bind_address)
+        self._session = aiohttp.ClientSession()
+        for e in self.config.endpoints:
+            model = self.config.model(e.model)
+            assert model is not None  # validated: every endpoint names a configured model
+            worker = endpoints.EndpointWorker(
+                e,
+                model,
+                self.index,
+                self._session,
+                health_interval_s=self.config.health_interval_s,
+                on_ready_change=lambda rid, ok: self.metrics.endpoint_ready.labels(rid).set(1 if ok else 0),
+            )
+            self.metrics.endpoint_ready.labels(worker.replica_id).set(1)
+            self.workers.append(worker)
+            self._tasks.append(asyncio.create_task(worker.run(), name=f"endpoint:{e.address}"))
+        self._tasks.append(asyncio.create_task(self._sweep_ticker(), name="index-sweep"))
+        self.addresses = BoundAddresses(
+            grpc=f"{config_mod.split_host_port(s.grpc_bind_address)[0]}:{grpc_port}",
+            http=http_addr,
+            snapshot=snapshot_addr,
+            producer=producer,
+        )
+        self.metrics.up.set(1)
+        return self.addresses
+
+    async def _sweep_ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.index.settings.sweep_interval_s)
+            self.index.sweep()
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Graceful: health NOT_SERVING, gRPC drains ``grace`` s, HTTP closes, tasks end."""
+        self.metrics.up.set(0)
+        for h in self._health:
+            await h.enter_graceful_shutdown()
+        for server in (self._grpc, self._producer):
+            if server is not None:
+                await server.stop(grace)
+        for runner in self._runners:
+            await runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        self.index.stop()
+        self._grpc = self._producer = self._session = None
+        self._runners, self._tasks, self._health = [], [], []
+        for r in results:
+            if isinstance(r, Exception):
+                log.warning("task_failed_on_shutdown", extra={"error": repr(r)})
+
+
+# -- the subcommand ----------------------------------------------------------------------------
+
+
+async def serve(config: config_mod.Config, reviewer: auth.TokenReviewer | None) -> int:
+    """Run until SIGINT/SIGTERM; 0 after a graceful shutdown."""
+    s = config.server
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(config, reviewer=reviewer)
+    try:
+        addrs = await server.start()
+        log.info(
+            "startup",
+            extra={
+                "version": _version,
+                "grpc_addr": addrs.grpc,
+                "grpc_tls": s.tls_cert_file != "",
+                "http_addr": addrs.http,
+                "snapshot_addr": addrs.snapshot,
+                "producer_addr": addrs.producer or "",
+                "endpoints": len(config.endpoints),
+            },
+        )
+        await stop.wait()
+        log.info("graceful_shutdown_started")
+    finally:
+        await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("graceful_shutdown_done")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    s = cfg.server
+    configure_logging(s.log_format, s.log_level)
+    # Go parity: no ``*_created`` series on /metrics.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    if s.tls_cert_file:
+        try:
+            grpc_credentials(s)
+        except OSError as exc:
+            log.error("grpc_tls_load_failed", extra={"error": str(exc)})
+            return 1
+    reviewer: auth.KubeTokenReviewer | None = None
+    if s.allowed_controller_sa or s.allowed_producer_sa:
+        try:
+            reviewer = auth.KubeTokenReviewer(auth.in_cluster_config())
+        except auth.InClusterConfigError as exc:
+            log.error("kube_client_failed", extra={"error": str(exc)})
+            return 1
+    if s.allowed_controller_sa:
+        log.info(
+            "controller_auth_enabled",
+            extra={"expected_sa": s.allowed_controller_sa, "audience": s.controller_audience},
+        )
+    else:
+        log.warning("controller_auth_disabled")
+    if s.allowed_producer_sa:
+        log.info(
+            "producer_auth_enabled",
+            extra={"allowed_sa": list(s.allowed_producer_sa), "audience": s.producer_audience},
+        )
+
+    async def main() -> int:
+        try:
+            return await serve(cfg, reviewer)
+        finally:
+            if reviewer is not None:
+                await reviewer.close()
+
+    try:
+        return asyncio.run(main())
+    except Exception as exc:
+        log.error("serve_error", extra={"error": repr(exc)})
+        return 1
