@@ -11,7 +11,8 @@ Data layout (memory is the constraint: ~1M+ entries)
   per replica with at least one entry;
 - a ``_Replica`` owns ``entries: dict[key, packed int]`` in refresh order (a refresh pops
   and re-inserts), so the dict's head is its least recently seen entry (LRU for free);
-- an entry is one int: ``hits << 96 | last_seen_us << 32 | token_count``.
+- an entry is one int: ``last_seen_us << 64 | hits << 32 | token_count``, so comparing
+  entries compares their ``lastSeen`` first (the chain walk takes a C-level ``min``).
 There is no per-key holder map: a key's holders are found by probing the (few) replicas of
 its scope, which is also what the chain walk does block by block.
 """
@@ -19,6 +20,7 @@ its scope, which is also what the chain walk does block by block.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import threading
 import time
@@ -37,8 +39,13 @@ PROBE_TENANT = "inferencecache.io/probe"
 
 _TOK_MASK = (1 << 32) - 1
 _TS_MASK = (1 << 64) - 1
-_HIT_SHIFT = 96
-_LOW_MASK = (1 << _HIT_SHIFT) - 1
+_TS_SHIFT = 64
+_HIT_SHIFT = 32
+_HIT_MAX = (1 << 32) - 1
+_HIT_MASK = _HIT_MAX << _HIT_SHIFT
+_LOW_MASK = (1 << _TS_SHIFT) - 1
+#: Blocks fetched at once by the chain walk's single-runner fast path.
+_WALK_CHUNK = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +108,14 @@ class _Credit:
     @property
     def access_count(self) -> int:
         v = self.replica.entries.get(self.key)
-        return 0 if v is None else v >> _HIT_SHIFT
+        return 0 if v is None else (v & _HIT_MASK) >> _HIT_SHIFT
 
     @access_count.setter
     def access_count(self, n: int) -> None:
         with self.lock:
             v = self.replica.entries.get(self.key)
             if v is not None:  # assignment to a present key keeps its LRU position
-                self.replica.entries[self.key] = (v & _LOW_MASK) | (max(n, 0) << _HIT_SHIFT)
+                self.replica.entries[self.key] = (v & ~_HIT_MASK) | (min(max(n, 0), _HIT_MAX) << _HIT_SHIFT)
 
 
 def _to_us(ts: float) -> int:
@@ -345,14 +352,14 @@ class Index:
         others = [o.entries for o in sc.replicas.values() if o is not rs]
         entries = rs.entries
         pop = entries.pop
-        base = ts_us << 32
+        base = ts_us << _TS_SHIFT
         mask = _TOK_MASK
-        shift = _HIT_SHIFT
+        hit_mask = _HIT_MASK
         added = new_keys = 0
         for key, tok in zip(keys, tokens, strict=True):
             old = pop(key, None)
             if old is not None:
-                entries[key] = (old >> shift << shift) | base | (tok & mask if tok > 0 else 0)
+                entries[key] = (old & hit_mask) | base | (tok & mask if tok > 0 else 0)
                 continue
             entries[key] = base | (tok & mask if tok > 0 else 0)
             added += 1
@@ -454,24 +461,42 @@ class Index:
             self._evict_cap_locked(self.total_entries - cap, events)
 
     def _evict_quota_locked(self, tenant: str, excess: int, events: list[types.Event] | None) -> None:
-        """Remove the tenant's ``excess`` oldest distinct keys (age = freshest replica)."""
-        newest: dict[tuple[types.Scope, bytes], int] = {}
-        scopes = [sc for sc in self._scopes.values() if sc.key.tenant == tenant]
-        for sc in scopes:
-            for rs in sc.replicas.values():
-                for k, v in rs.entries.items():
-                    ts = (v >> 32) & _TS_MASK
-                    key = (sc.key, k)
-                    if ts > newest.get(key, -1):
-                        newest[key] = ts
+        """Remove the tenant's ``excess`` oldest distinct keys, whole (every replica).
 
-        def order(item: tuple[tuple[types.Scope, bytes], int]) -> tuple[int, bytes, str, str, str]:
-            (s, k), ts = item
-            return (ts, k, s.model, s.hash_scheme, s.adapter)
+        A key's age is its freshest replica's ``lastSeen``; ties by key bytes. The tenant's
+        per-replica dicts are merged in time order and a key completes when its last holder
+        is passed, so keys complete oldest-first and the walk stops early."""
+        self._reorder_locked()
 
-        victims = heapq.nsmallest(excess, newest.items(), key=order)
-        for (s, k), _ts in victims:
-            sc = self._scopes[s]
+        def stream(sc: _Scope, rs: _Replica) -> Iterator[tuple[int, bytes, _Scope]]:
+            for k, v in rs.entries.items():
+                yield v >> _TS_SHIFT, k, sc
+
+        streams = [
+            stream(sc, rs)
+            for sc in self._scopes.values()
+            if sc.key.tenant == tenant
+            for rs in sc.replicas.values()
+        ]
+        pending: dict[tuple[types.Scope, bytes], int] = {}
+        done: list[tuple[int, bytes, _Scope]] = []
+        last_ts: int | None = None
+        for ts, k, sc in heapq.merge(*streams, key=lambda item: item[0]):
+            if last_ts is not None and ts > last_ts:
+                break
+            key = (sc.key, k)
+            left = pending.pop(key, None)
+            if left is None:
+                left = sum(1 for o in sc.replicas.values() if k in o.entries)
+            if left > 1:
+                pending[key] = left - 1
+                continue
+            done.append((ts, k, sc))
+            if len(done) >= excess:
+                last_ts = ts
+        done.sort(key=lambda d: (d[0], d[1], d[2].key.model, d[2].key.hash_scheme, d[2].key.adapter))
+        victims = done[:excess]
+        for _ts, k, sc in victims:
             for rs in list(sc.replicas.values()):
                 if k in rs.entries:
                     self._remove_locked(rs, k, events)
@@ -490,10 +515,10 @@ class Index:
         for sc in self._scopes.values():
             for rs in sc.replicas.values():
                 if not rs.ordered:
-                    items = sorted(rs.entries.items(), key=lambda kv: (kv[1] >> 32) & _TS_MASK)
+                    items = sorted(rs.entries.items(), key=lambda kv: kv[1] >> _TS_SHIFT)
                     rs.entries = dict(items)
                     rs.ordered = True
-                    rs.last_ts = (items[-1][1] >> 32) & _TS_MASK if items else 0
+                    rs.last_ts = items[-1][1] >> _TS_SHIFT if items else 0
 
     def _evict_cap_locked(self, need: int, events: list[types.Event] | None) -> None:
         """Evict ``need`` entries in the original's order: ``(effective count, lastSeen,
@@ -510,8 +535,8 @@ class Index:
                     lfu = algos[s.tenant] == "lfu"
                     for rs in sc.replicas.values():
                         for k, v in rs.entries.items():
-                            eff = v >> _HIT_SHIFT if lfu else 0
-                            ts = (v >> 32) & _TS_MASK
+                            eff = (v & _HIT_MASK) >> _HIT_SHIFT if lfu else 0
+                            ts = v >> _TS_SHIFT
                             yield (eff, ts, s.tenant, s.model, s.hash_scheme, s.adapter, k, rs.replica_id, rs)
 
             for c in heapq.nsmallest(need, candidates(), key=lambda c: c[:8]):
@@ -535,10 +560,10 @@ class Index:
             live = [(rs, heads[id(rs)]) for rs in replicas if heads[id(rs)] is not None]
             if not live:
                 break
-            min_ts = min((h[1] >> 32) & _TS_MASK for _rs, h in live if h is not None)
+            min_ts = min(h[1] >> _TS_SHIFT for _rs, h in live if h is not None)
             run: list[tuple[tuple[str, str, str, str, bytes, str], _Replica, bytes]] = []
             for rs, h in live:
-                while h is not None and (h[1] >> 32) & _TS_MASK == min_ts:
+                while h is not None and h[1] >> _TS_SHIFT == min_ts:
                     s = rs.scope.key
                     run.append(((s.tenant, s.model, s.hash_scheme, s.adapter, h[0], rs.replica_id), rs, h[0]))
                     h = next(cursors[id(rs)], None)
@@ -568,11 +593,11 @@ class Index:
                     if rs.ordered:
                         stale = []
                         for k, v in rs.entries.items():
-                            if (v >> 32) & _TS_MASK > cut:
+                            if v >> _TS_SHIFT > cut:
                                 break
                             stale.append(k)
                     else:
-                        stale = [k for k, v in rs.entries.items() if (v >> 32) & _TS_MASK <= cut]
+                        stale = [k for k, v in rs.entries.items() if v >> _TS_SHIFT <= cut]
                     for k in stale:
                         self._remove_locked(rs, k, events)
                     self._prune_locked(rs)
@@ -601,7 +626,7 @@ class Index:
         for rs in sc.replicas.values():
             v = rs.entries.get(k0)
             if v is not None:
-                ts = (v >> 32) & _TS_MASK
+                ts = v >> _TS_SHIFT
                 if ts > cut_us:
                     running.append(_Walk(rs, ts, v & _TOK_MASK))
         done: list[_Walk] = []
@@ -611,21 +636,28 @@ class Index:
             if len(running) == 1:
                 # The common case: one runner left, walk it to its end without bookkeeping.
                 w = running[0]
+                blocks, oldest, lastv = w.blocks, w.oldest_us, -1
+                # Entries compare by lastSeen first; a missing block reads as -1. So one C-level
+                # ``min`` per chunk tells whether the whole chunk is present and fresh.
+                stale_v = max((cut_us << _TS_SHIFT) | _LOW_MASK, -1)
                 get = w.replica.entries.get
-                blocks, oldest, last = w.blocks, w.oldest_us, w.last_tokens
-                while i < n:
-                    v = get(keys[i])
-                    if v is None:
+                values = map(get, itertools.islice(keys, i, None), itertools.repeat(-1))
+                while chunk := list(itertools.islice(values, _WALK_CHUNK)):
+                    low = min(chunk)
+                    whole = low > stale_v
+                    if not whole:
+                        chunk = chunk[: next(j for j, v in enumerate(chunk) if v <= stale_v)]
+                        if not chunk:
+                            break
+                        low = min(chunk)
+                    oldest = min(oldest, low >> _TS_SHIFT)
+                    blocks += len(chunk)
+                    lastv = chunk[-1]
+                    if not whole:
                         break
-                    ts = (v >> 32) & _TS_MASK
-                    if ts <= cut_us:
-                        break
-                    blocks += 1
-                    last = v & _TOK_MASK
-                    if ts < oldest:
-                        oldest = ts
-                    i += 1
-                w.blocks, w.oldest_us, w.last_tokens = blocks, oldest, last
+                w.blocks, w.oldest_us = blocks, oldest
+                if lastv >= 0:
+                    w.last_tokens = lastv & _TOK_MASK
                 break
             k = keys[i]
             still: list[_Walk] = []
@@ -634,7 +666,7 @@ class Index:
                 if v is None:
                     done.append(w)
                     continue
-                ts = (v >> 32) & _TS_MASK
+                ts = v >> _TS_SHIFT
                 if ts <= cut_us:
                     done.append(w)
                     continue
@@ -721,7 +753,7 @@ class Index:
                         v = rs.entries.get(req.prefix_hash)
                         if v is None:
                             continue
-                        fr = ranking.freshness((now_us - ((v >> 32) & _TS_MASK)) / 1e6, ttl)
+                        fr = ranking.freshness((now_us - (v >> _TS_SHIFT)) / 1e6, ttl)
                         if fr > 0:
                             hits.append((rs, v & _TOK_MASK, fr))
                     dp = ranking.distinguishing_power(len(hits), total)
@@ -817,7 +849,7 @@ class Index:
             if not scores or scores[0].score < max(policy.routing_floor_score, 0.0):
                 strategy, scores = types.Strategy.NONE, []
         if strategy is types.Strategy.NONE and policy.affinity_routing:
-            pick = self._affinity_locked_free(req)
+            pick = self._affinity_pick(req)
             if pick is not None:
                 return types.LookupResult(
                     types.Strategy.AFFINITY_HINT, [types.ReplicaScore(pick, 0.0, 0, 0.0)]
@@ -827,7 +859,7 @@ class Index:
             out._credit = [c for sc in scores for c in credits.get(sc.replica_id, ())]
         return out
 
-    def _affinity_locked_free(self, req: types.LookupRequest) -> str | None:
+    def _affinity_pick(self, req: types.LookupRequest) -> str | None:
         s = req.scope
         if not (s.tenant and s.model and s.hash_scheme):
             return None
@@ -945,7 +977,7 @@ class Index:
                 for rs in sc.replicas.values():
                     key = (t, rs.replica_id)
                     counts[key] += len(rs.entries)
-                    top = max(((v >> 32) & _TS_MASK for v in rs.entries.values()), default=0)
+                    top = max((v >> _TS_SHIFT for v in rs.entries.values()), default=0)
                     newest[key] = max(newest.get(key, 0), top)
             tenant_keys = dict(self._tenant_keys)
         rows = []

@@ -213,3 +213,27 @@ def test_ready_follows_start_stop(index: store.Index) -> None:
     assert index.ready
     index.stop()
     assert not index.ready
+
+
+def test_adapters_and_schemes_partition_keys(index: store.Index) -> None:
+    lora = types.Scope("t", "m", "vllm", "lora-a")
+    put(index, "r", 1)
+    put(index, "r", 2, scope=lora)
+    assert keys_of(index) == {"r": [1]}
+    assert keys_of(index, lora) == {"r": [2]}
+    index.ingest(types.Update("r", S, [types.PrefixEntry(b"\x03", 5, adapter="lora-a")]))
+    assert keys_of(index, lora) == {"r": [2, 3]}
+    # PREFIX_EVICTED matches the event's adapter ("" = base model) only.
+    index.apply_event(types.Event(E.PREFIX_EVICTED, "r", model="m", tenant="t", prefix_hash=b"\x02"))
+    assert keys_of(index, lora) == {"r": [2, 3]}
+    index.apply_event(types.Event(E.PREFIX_EVICTED, "r", "m", "t", b"\x02", adapter="lora-a"))
+    assert keys_of(index, lora) == {"r": [3]}
+
+
+def test_blocks_removed_exact_scope_only(index: store.Index) -> None:
+    put(index, "r", 1, 2)
+    put(index, "r", 1, scope=types.Scope("t", "m", "sglang"))
+    index.blocks_removed(S, "r", [b"\x01", b"\x09"])
+    assert keys_of(index) == {"r": [2]}
+    assert keys_of(index, types.Scope("t", "m", "sglang")) == {"r": [1]}
+    assert index.total_entries == 2
