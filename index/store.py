@@ -813,7 +813,8 @@ class Index:
 
         Deadlines and token/prompt resolution are the server's (it calls this with the
         resolved chain, so it must check ``requireChain`` on the wire request itself).
-        LFU hits are captured into the result and credited only by ``credit_hits()``."""
+        LFU hits are captured into the result and credited only by ``credit_hits()``. The
+        AFFINITY_HINT seed is the request's chain as given (even when chain matching is off)."""
         none = types.LookupResult(types.Strategy.NONE)
         gates = policy.strategy
         s = req.scope
