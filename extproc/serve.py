@@ -422,7 +422,7 @@ class Server:
         return server, port
 
     async def _http_site(self, app: web.Application, address: str) -> str:
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         self._runners.append(runner)
         host, port = listen_host(address)
