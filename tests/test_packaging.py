@@ -22,7 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -38,7 +49,9 @@ def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
     py = env_dir / "bin" / "python"
     purelib = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     # Borrow third-party dependencies from the project venv, but not its editable install.
     (Path(purelib) / "_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")

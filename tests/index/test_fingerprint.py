@@ -14,7 +14,9 @@ from inference_cache.index import fingerprint as fp
         pytest.param(list(range(1, 17)), None, [16863443419780771464], id="1..16"),
         pytest.param(list(range(1, 33)), None, [16863443419780771464, 12466389667045779788], id="1..32"),
         pytest.param(list(range(100, 120)), None, [10823191264391160519], id="tail-dropped"),
-        pytest.param(list(range(50, 82)), 3735928559, [13185224009891017151, 2998384554010166533], id="parent"),
+        pytest.param(
+            list(range(50, 82)), 3735928559, [13185224009891017151, 2998384554010166533], id="parent"
+        ),
         pytest.param(list(range(10)), None, [], id="short"),
     ],
 )
