@@ -20,13 +20,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+
+from inference_cache import config as config_mod
+from inference_cache import enginestats
 from inference_cache.index.kvevents import config as kv_config
 from inference_cache.index.kvevents.counters import Counters
 from inference_cache.index.kvevents.subscriber import Subscriber, SubscriberSettings
 from inference_cache.index.store import Index
-
-from inference_cache import config as config_mod
-from inference_cache import enginestats
 
 log = logging.getLogger(__name__)
 

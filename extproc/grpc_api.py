@@ -59,13 +59,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from inference_cache.config import Config, ModelConfig
 from inference_cache.extproc import auth
 from inference_cache.extproc.metrics import ServerMetrics
 from inference_cache.index import fingerprint, store, types
 from inference_cache.index import policy as policy_mod
 from inference_cache.proto import pb, pb_grpc
-
-from inference_cache.config import Config, ModelConfig
 
 #: The original's ``MaxLookupTokens``: longer ``token_ids`` lists get ``NO_HINT``.
 MAX_LOOKUP_TOKENS = 1 << 20

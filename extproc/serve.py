@@ -43,7 +43,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -52,14 +51,14 @@ import prometheus_client
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from inference_cache.extproc import auth, endpoints, grpc_api, http
+
+from inference_cache import __version__ as _version
+from inference_cache import config as config_mod
+from inference_cache.extproc import auth, endpoints, grpc_api, http, tls
 from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
 from inference_cache.index import policy as policy_mod
 from inference_cache.index import snapshot, store
 from inference_cache.proto import pb, pb_grpc
-
-from inference_cache import __version__ as _version
-from inference_cache import config as config_mod
 
 log = logging.getLogger("inference_cache.serve")
 
@@ -253,19 +252,6 @@ def grpc_address(address: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def grpc_credentials(settings: config_mod.ServerSettings) -> grpc.ServerCredentials | None:
-    """Server TLS credentials, or ``None`` for plaintext.
-
-    SEAM(tls): ``extproc/tls.py`` (the HTTP engineer's) brings credentials that reload the
-    certificate on rotation; until it lands the keypair is read once here.
-    """
-    if not settings.tls_cert_file:
-        return None
-    cert = Path(settings.tls_cert_file).read_bytes()
-    key = Path(settings.tls_key_file).read_bytes()
-    return grpc.ssl_server_credentials([(key, cert)])
-
-
 def index_readings(index: store.Index) -> IndexReadings:
     return IndexReadings(
         entries_by_model=index.entries_by_model(),
@@ -349,7 +335,8 @@ class Server:
         self._monotonic = monotonic
         self._stream_metrics_interval_s = stream_metrics_interval_s
         self._stream_queue_size = stream_queue_size
-        self._credentials = grpc_credentials(s)
+        #: Raises ``tls.TLSLoadError`` for an unloadable keypair (``run`` exits 1).
+        self._credentials = tls.load_grpc_server_credentials(s.tls_cert_file, s.tls_key_file)
         self.metrics.grpc_tls_enabled.set(1 if self._credentials is not None else 0)
         self._grpc: grpc.aio.Server | None = None
         self._producer: grpc.aio.Server | None = None
@@ -511,14 +498,13 @@ class Server:
 # -- the subcommand ----------------------------------------------------------------------------
 
 
-async def serve(config: config_mod.Config, reviewer: auth.TokenReviewer | None) -> int:
+async def serve(server: Server) -> int:
     """Run until SIGINT/SIGTERM; 0 after a graceful shutdown."""
-    s = config.server
+    config = server.config
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = Server(config, reviewer=reviewer)
     try:
         addrs = await server.start()
         log.info(
@@ -526,7 +512,7 @@ async def serve(config: config_mod.Config, reviewer: auth.TokenReviewer | None) 
             extra={
                 "version": _version,
                 "grpc_addr": addrs.grpc,
-                "grpc_tls": s.tls_cert_file != "",
+                "grpc_tls": config.server.tls_cert_file != "",
                 "http_addr": addrs.http,
                 "snapshot_addr": addrs.snapshot,
                 "producer_addr": addrs.producer or "",
@@ -553,12 +539,6 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(s.log_format, s.log_level)
     # Go parity: no ``*_created`` series on /metrics.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    if s.tls_cert_file:
-        try:
-            grpc_credentials(s)
-        except OSError as exc:
-            log.error("grpc_tls_load_failed", extra={"error": str(exc)})
-            return 1
     reviewer: auth.KubeTokenReviewer | None = None
     if s.allowed_controller_sa or s.allowed_producer_sa:
         try:
@@ -566,6 +546,11 @@ def run(args: argparse.Namespace) -> int:
         except auth.InClusterConfigError as exc:
             log.error("kube_client_failed", extra={"error": str(exc)})
             return 1
+    try:
+        server = Server(cfg, reviewer=reviewer)
+    except tls.TLSLoadError as exc:
+        log.error("grpc_tls_load_failed", extra={"error": str(exc)})
+        return 1
     if s.allowed_controller_sa:
         log.info(
             "controller_auth_enabled",
@@ -581,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            return await serve(cfg, reviewer)
+            return await serve(server)
         finally:
             if reviewer is not None:
                 await reviewer.close()

@@ -10,9 +10,9 @@ import argparse
 from pathlib import Path
 
 import pytest
-from inference_cache.extproc import serve
 
 from inference_cache import config
+from inference_cache.extproc import serve
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,12 +22,12 @@ import kmock
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from inference_cache import config
 from inference_cache.extproc import auth, grpc_api, serve
 from inference_cache.index import fingerprint, types
 from inference_cache.index.policy import NamespacePolicy
 from inference_cache.proto import pb, pb_grpc
-
-from inference_cache import config
 
 LOOPBACK = {
     "grpc_bind_address": "127.0.0.1:0",
@@ -496,3 +498,51 @@ async def test_producer_auth_admits_only_allowed_service_accounts(
         if s.name.endswith("_total")
     }
     assert results == {"unauth": 3.0, "forbidden": 1.0, "ok": 1.0}
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def keypair(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl CLI)."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_grpc_serves_tls_from_the_flag_files(
+    start_server: StartServer, keypair: tuple[Path, Path]
+) -> None:
+    cert, key = keypair
+    srv = await start_server(make_config(tls_cert_file=str(cert), tls_key_file=str(key)))
+    assert srv.metrics.registry.get_sample_value("inferencecache_server_grpc_tls_enabled") == 1
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    async with grpc.aio.secure_channel(srv.addresses.grpc, creds) as ch:
+        resp = await pb_grpc.InferenceCacheStub(ch).LookupPDRoute(pb.LookupPDRouteRequest())
+    assert resp.reason_code == "NO_HINT"
+    async with grpc.aio.insecure_channel(srv.addresses.grpc) as plain:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await pb_grpc.InferenceCacheStub(plain).LookupPDRoute(pb.LookupPDRouteRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE

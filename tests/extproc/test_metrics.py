@@ -16,14 +16,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from inference_cache import config
 from inference_cache.extproc import auth, metrics, serve
 from inference_cache.index import types
 from inference_cache.index.kvevents.counters import Counters
 from inference_cache.index.policy import TenantQuota
 from inference_cache.index.store import IndexSettings
-from prometheus_client.parser import text_string_to_metric_families
-
-from inference_cache import config
 
 LOOPBACK = config.ServerSettings(
     grpc_bind_address="127.0.0.1:0",

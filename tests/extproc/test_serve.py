@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from inference_cache.extproc import endpoints, serve
-from inference_cache.index import store
 
 from inference_cache import cli, config
+from inference_cache.extproc import endpoints, serve
+from inference_cache.index import store
 
 REPO = Path(__file__).resolve().parents[2]
 SA = "system:serviceaccount:inference-cache-system:inference-cache-controller-manager"
