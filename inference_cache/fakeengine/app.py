@@ -281,7 +281,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _model_name(state, body)
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
     if not body.get("stream"):
-        results = await asyncio.gather(*(_collect(state, job) for job in jobs))
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the siblings
+                tasks = [group.create_task(_collect(state, job)) for job in jobs]
+        except* ApiError as failed:
+            raise failed.exceptions[0] from None
+        results = [t.result() for t in tasks]
         choices, usage = [], None
         for index, (admission, tokens) in enumerate(results):
             choices.append(

@@ -297,3 +297,18 @@ async def test_fault_validation(server: Running, http: aiohttp.ClientSession) ->
     assert status == 400
     status, _, _ = await post(http, f"{server.url}/_fault", {"stall_s": 0.01})
     assert status == 200
+
+
+async def test_request_larger_than_the_cache(
+    tmp_path: Path, zctx: zmq.Context[zmq.Socket[bytes]], http: aiohttp.ClientSession
+) -> None:
+    running = await main.start(config(tmp_path, num_gpu_blocks=4), zmq_context=zctx)  # 3 blocks of 16
+    try:
+        url = f"{running.url}/v1/completions"
+        status, err, headers = await post(http, url, {"prompt": ["a", LONG * 2], "max_tokens": 2})
+        assert status == 400 and "KV blocks" in err["error"]["message"] and "x-engine-address" in headers
+        assert running.engine.num_running == 0 and running.engine.num_waiting == 0
+        status, _, _ = await post(http, url, {"prompt": "a", "max_tokens": 2})
+        assert status == 200
+    finally:
+        await running.close()
