@@ -312,3 +312,21 @@ async def test_request_larger_than_the_cache(
         assert status == 200
     finally:
         await running.close()
+
+
+async def test_stream_chunks_leave_before_the_request_ends(
+    tmp_path: Path, zctx: zmq.Context[zmq.Socket[bytes]], http: aiohttp.ClientSession
+) -> None:
+    """Each SSE chunk is written when its token is produced, not at the end of the stream."""
+    slow = TimeModel(prefill_tokens_per_second=1e7, decode_tokens_per_second=50.0, max_num_seqs=4)
+    running = await main.start(config(tmp_path, time_model=slow), zmq_context=zctx)
+    try:
+        body = {"prompt": "a b c", "max_tokens": 5, "stream": True}
+        async with http.post(f"{running.url}/v1/completions", json=body) as r:
+            first = await r.content.readline()
+            assert first.startswith(b"data: ")
+            assert running.engine.num_running == 1  # the request is still decoding
+            rest = await r.content.read()
+        assert rest.rstrip().endswith(b"data: [DONE]")
+    finally:
+        await running.close()
