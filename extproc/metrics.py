@@ -48,8 +48,8 @@ class IndexReadings:
     entries: int = 0
     #: Distinct keys.
     distinct_keys: int = 0
-    #: Replicas holding at least one entry or stats.
-    replicas: int = 0
+    #: ``(tenant, model, replica)`` stats entries (replicas with reported load/cache stats).
+    replica_stats: int = 0
     #: (tenant_id, reason) -> distinct prefixes evicted by tenant quota.
     tenant_evictions: Mapping[tuple[str, str], int] = field(default_factory=dict)
     #: (algorithm, reason) -> replica x prefix entries removed by sweeps/cap.
@@ -100,7 +100,11 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "inferencecache_index_distinct_keys", "Distinct block keys in the index.", idx.distinct_keys
         )
-        yield GaugeMetricFamily("inferencecache_index_replicas", "Replicas known to the index.", idx.replicas)
+        yield GaugeMetricFamily(
+            "inferencecache_index_replica_stats",
+            "(tenant, model, replica) stats entries in the index.",
+            idx.replica_stats,
+        )
         tenant = CounterMetricFamily(
             "inferencecache_tenant_evictions",
             "Distinct prefixes evicted by tenant quota.",

@@ -107,22 +107,34 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The serve flags. Defaults are ``None`` so precedence (flag > env > file > default)
-    can tell an absent flag from a given one; the help shows the real defaults."""
-    parser.add_argument("--config", metavar="FILE", help="YAML configuration (see inference_cache.config)")
+    """The serve flags (``--name value``, ``--name=value`` and Go's ``-name value``).
+
+    Defaults are ``None`` so precedence (flag > env > file > default) can tell an absent
+    flag from a given one; the help shows the real defaults."""
+    parser.add_argument(
+        "--config", "-config", metavar="FILE", help="YAML configuration (see inference_cache.config)"
+    )
     defaults = config_mod.ServerSettings()
     for f in fields(config_mod.ServerSettings):
         flag = "--" + f.name.replace("_", "-")
+        go_flag = flag[1:]  # Go's flag package also takes -name
         default = getattr(defaults, f.name)
         help_ = f"{_FLAG_HELP[f.name]} (default {default!r}; env {config_mod.env_name(f.name)})"
         if isinstance(default, bool):
             parser.add_argument(
-                flag, nargs="?", const=True, type=_parse_bool, default=None, metavar="BOOL", help=help_
+                flag,
+                go_flag,
+                nargs="?",
+                const=True,
+                type=_parse_bool,
+                default=None,
+                metavar="BOOL",
+                help=help_,
             )
         elif isinstance(default, tuple):
-            parser.add_argument(flag, action="append", default=None, metavar="SA", help=help_)
+            parser.add_argument(flag, go_flag, action="append", default=None, metavar="SA", help=help_)
         else:
-            parser.add_argument(flag, default=None, metavar="VALUE", help=help_)
+            parser.add_argument(flag, go_flag, default=None, metavar="VALUE", help=help_)
 
 
 def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,7 +269,7 @@ def index_readings(index: store.Index) -> IndexReadings:
         entries_by_model=index.entries_by_model(),
         entries=index.total_entries,
         distinct_keys=index.distinct_prefixes,
-        replicas=index.stats_count,
+        replica_stats=index.stats_count,
         tenant_evictions={(t, "over_entries"): n for t, n in index.tenant_evictions.items()},
         index_evictions=dict(index.index_evictions),
     )

@@ -200,6 +200,15 @@ def test_serve_flags_override_the_file_and_env(tmp_path: Path) -> None:
     assert cfg.server.allowed_producer_sa == ("a", "b", "c")
 
 
+def test_go_style_single_dash_flags() -> None:
+    args = _args("-grpc-bind-address", "127.0.0.1:1", "-allowed-producer-sa=a", "-insecure-disable-auth")
+    assert (args.grpc_bind_address, args.allowed_producer_sa, args.insecure_disable_auth) == (
+        "127.0.0.1:1",
+        ["a"],
+        True,
+    )
+
+
 def test_go_style_boolean_flag_values() -> None:
     assert _args("--insecure-disable-auth").insecure_disable_auth is True
     assert _args("--insecure-disable-auth=false").insecure_disable_auth is False

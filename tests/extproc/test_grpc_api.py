@@ -229,6 +229,23 @@ async def test_timeout_when_the_answer_overruns_the_tenant_budget(start_server: 
         assert no_budget.lookup_latency_us == 1_000_000
 
 
+async def test_timeout_when_the_caller_deadline_has_passed(server: serve.Server) -> None:
+    svc = grpc_api.InferenceCacheService(
+        index=server.index, policies=server.policies, config=server.config, metrics=server.metrics
+    )
+    server.index.blocks_stored(types.Scope("t", MODEL, "engine"), R1, [b"p1"], [128])
+    req = _lookup(prefix_hash=b"p1", prefix_token_count=128)
+    late = await svc.LookupRoute(req, _Context(remaining=0.0))  # type: ignore[arg-type]
+    assert (late.reason_code, list(late.replica_scores), late.lookup_latency_us) == ("TIMEOUT", [], 0)
+    in_time = await svc.LookupRoute(req, _Context(remaining=30.0))  # type: ignore[arg-type]
+    assert in_time.reason_code == "PREFIX_MATCH"
+    calls = server.metrics.registry.get_sample_value(
+        "inferencecache_lookup_route_calls_total",
+        {"model": MODEL, "reason_code": "TIMEOUT", "hint_used": "false"},
+    )
+    assert calls == 1
+
+
 async def test_minimum_prefix_tokens_gate(server: serve.Server, stub: pb_grpc.InferenceCacheStub) -> None:
     server.policies.replace(
         [NamespacePolicy(namespace="t", minimum_prefix_tokens=256, affinity_routing=False)]
@@ -317,7 +334,13 @@ async def test_stream_cache_events_filters_by_tenant(stub: pb_grpc.InferenceCach
 
 
 class _Context:
-    """The few ``ServicerContext`` calls the stream handlers make."""
+    """The few ``ServicerContext`` calls the handlers make (``remaining``: the deadline)."""
+
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         pass
