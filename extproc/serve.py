@@ -77,7 +77,7 @@ LOG_FORMATS = ("json", "text")
 
 # -- flags ---------------------------------------------------------------------------------
 
-#: flag -> (help, metavar); every ServerSettings field has one.
+#: field -> help text; every ServerSettings field has one.
 _FLAG_HELP: dict[str, str] = {
     "grpc_bind_address": "gRPC listen address (':port' = all interfaces)",
     "http_bind_address": "public HTTP listen address: /healthz /readyz /metrics",
