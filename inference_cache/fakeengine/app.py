@@ -68,9 +68,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.status}}
+
     def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.status}}
-        return web.json_response(body, status=self.status)
+        return web.json_response(self.body(), status=self.status)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -218,6 +220,10 @@ def _jobs(state: State, body: Mapping[str, Any], prompts: Sequence[list[int]]) -
     jobs = []
     for prompt in prompts:
         n = _max_tokens(state, body, len(prompt))
+        try:
+            state.engine.check(len(prompt), n)  # before a stream starts
+        except RequestRejected as e:
+            raise ApiError(400, str(e)) from e
         output = [state.filler[i % len(state.filler)] for i in range(n)]
         jobs.append(_Job(prompt, output, lora, salt))
     return jobs
@@ -281,11 +287,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _model_name(state, body)
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
     if not body.get("stream"):
-        try:
-            async with asyncio.TaskGroup() as group:  # one failure cancels the siblings
-                tasks = [group.create_task(_collect(state, job)) for job in jobs]
-        except* ApiError as failed:
-            raise failed.exceptions[0] from None
+        async with asyncio.TaskGroup() as group:  # one failure cancels the siblings
+            tasks = [group.create_task(_collect(state, job)) for job in jobs]
         results = [t.result() for t in tasks]
         choices, usage = [], None
         for index, (admission, tokens) in enumerate(results):
@@ -313,7 +316,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     continue
                 choice = {"index": index, "text": state.tokenizer.decode([step]), "logprobs": None}
                 await _send(
-                    response, {**head, "choices": [{**choice, "finish_reason": None, "stop_reason": None}]}
+                    response,
+                    {**head, "choices": [{**choice, "finish_reason": None, "stop_reason": None}]},
                 )
         await _send(
             response,

@@ -106,9 +106,6 @@ class PrefixCache:
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def fits_ever(self, seq: Sequence) -> bool:
-        return self.blocks_needed(self._final_computed(seq)) <= self.usable_blocks
-
     # -- request lifecycle ------------------------------------------------------------------
 
     def admit(self, seq: Sequence) -> bool:

@@ -101,6 +101,16 @@ class Engine:
         self._events_recorded()
         return done
 
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise :class:`RequestRejected` if such a request can never run here."""
+        if num_prompt_tokens < 1:
+            raise RequestRejected("empty prompt")
+        needed = self.cache.blocks_needed(num_prompt_tokens + max(max_tokens, 1) - 1)
+        if needed > self.cache.usable_blocks:
+            raise RequestRejected(
+                f"the request needs {needed} KV blocks, the engine has {self.cache.usable_blocks}"
+            )
+
     async def generate(
         self,
         prompt_token_ids: Sequence[int],
@@ -114,13 +124,7 @@ class Engine:
         seq = prefix_cache.Sequence(
             list(prompt_token_ids), max_tokens=len(output_token_ids), lora=lora, cache_salt=cache_salt
         )
-        if not seq.token_ids:
-            raise RequestRejected("empty prompt")
-        if not self.cache.fits_ever(seq):
-            needed = self.cache.blocks_needed(seq.num_prompt_tokens + len(output_token_ids) - 1)
-            raise RequestRejected(
-                f"the request needs {needed} KV blocks, the engine has {self.cache.usable_blocks}"
-            )
+        self.check(len(seq.token_ids), len(output_token_ids))
         await self._admit(seq)
         try:
             yield Admission(seq.num_prompt_tokens, seq.num_cached_tokens)

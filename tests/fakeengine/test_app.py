@@ -308,6 +308,8 @@ async def test_request_larger_than_the_cache(
         status, err, headers = await post(http, url, {"prompt": ["a", LONG * 2], "max_tokens": 2})
         assert status == 400 and "KV blocks" in err["error"]["message"] and "x-engine-address" in headers
         assert running.engine.num_running == 0 and running.engine.num_waiting == 0
+        status, err, _ = await post(http, url, {"prompt": LONG * 2, "stream": True})
+        assert status == 400 and "KV blocks" in err["error"]["message"]  # refused before the stream
         status, _, _ = await post(http, url, {"prompt": "a", "max_tokens": 2})
         assert status == 200
     finally:
