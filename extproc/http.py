@@ -25,9 +25,10 @@ from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+
 from inference_cache.extproc import auth, policy_wire
 from inference_cache.index.policy import PolicyStore
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
 #: ``/policy`` body cap (the original's ``http.MaxBytesReader`` limit).
 MAX_POLICY_BODY_BYTES: Final = 1 << 20

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from inference_cache.index import types
 
 from inference_cache import enginestats as es
+from inference_cache.index import types
 
 Sample = es.EngineSample
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 import pytest
-from inference_cache.index import types
-from inference_cache.proto import pb, pb_grpc
 
 from inference_cache import producer as prod
+from inference_cache.index import types
+from inference_cache.proto import pb, pb_grpc
 
 SCOPE = types.Scope(tenant="t", model="m", hash_scheme="vllm", adapter="lora-a")
 K1, K2, K3 = b"\x00" * 7 + b"\x01", b"\x00" * 7 + b"\x02", b"\x00" * 7 + b"\x03"

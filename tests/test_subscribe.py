@@ -26,10 +26,10 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from inference_cache.index import fingerprint
-from inference_cache.proto import pb, pb_grpc
 
 from inference_cache import cli, enginestats, subscribe
+from inference_cache.index import fingerprint
+from inference_cache.proto import pb, pb_grpc
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kv-events"
 CAPTURE = DATA / "vllm0.33.0_real_publisher_capture.txt"

@@ -21,6 +21,7 @@ from typing import Any
 
 import kmock
 import pytest
+
 from inference_cache.extproc import auth
 
 CONTROLLER_SA = "system:serviceaccount:inference-cache-system:inference-cache-controller-manager"
@@ -382,9 +383,7 @@ AUD_WS = "--controller-audience has leading/trailing"
         pytest.param(SA, False, "  ", None, AUD_EMPTY, id="audience-blank"),
         pytest.param(SA, False, f"{AUD} ", None, AUD_WS, id="audience-space"),
         pytest.param(SA, False, AUD, " ", "--policy-audience cannot be empty", id="policy-audience-blank"),
-        pytest.param(
-            SA, False, AUD, "\tx", "--policy-audience has leading/trailing", id="policy-aud-ws"
-        ),
+        pytest.param(SA, False, AUD, "\tx", "--policy-audience has leading/trailing", id="policy-aud-ws"),
     ],
 )
 def test_validate_controller_auth_flags(

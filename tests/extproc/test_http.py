@@ -16,10 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry, Counter
+
 from inference_cache.extproc import auth, policy_wire
 from inference_cache.extproc import http as ic_http
 from inference_cache.index.policy import NamespacePolicy, PolicyStore, TenantQuota
-from prometheus_client import CollectorRegistry, Counter
 
 CONTROLLER_SA = "system:serviceaccount:inference-cache-system:inference-cache-controller-manager"
 SNAPSHOT_BODY = b'{"generatedAt":"2026-01-01T00:00:00Z","entries":[]}\n'

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import pytest
+
 from inference_cache.extproc import policy_wire
 from inference_cache.index.policy import NamespacePolicy, StrategyGates, TenantQuota
 

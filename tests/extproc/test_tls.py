@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from inference_cache.extproc import tls
 
 RPC_TIMEOUT_S = 10.0

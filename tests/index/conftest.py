@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from inference_cache.index import policy, store
 
 

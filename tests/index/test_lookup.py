@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from inference_cache.index import policy, store, types
 
 S = types.Scope("t", "m", "vllm")

@@ -4,6 +4,7 @@ RFC 3339 nano formatting, ``null`` lists, omitted empty tenant."""
 from __future__ import annotations
 
 import pytest
+
 from inference_cache.index import snapshot, store, types
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
