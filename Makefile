@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 # Strict editable installs link files one by one: refresh the link tree (cheap, no deps)
 # so files added since the last full install are importable.
 venv: $(STAMP)
-	@$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict
+	@$(PY) -m pip install -q --no-deps -e . --config-settings editable_mode=strict \
+	  >$(VENV)/editable.log 2>&1 || { cat $(VENV)/editable.log; exit 1; }
 
 $(PROTOL):
 	$(PYTHON) -m venv .tools/protol
