@@ -8,7 +8,7 @@ Owner: ``inference_cache.extproc`` (the server). Place in the flow::
     watcher  <--StreamCacheEvents--  bounded queue per stream <--listener-- Index
     watcher  <--StreamMetrics--      ServerMetrics.registry
 
-Contract (the original's, see ``docs/reference/reason-codes.md``): no RPC answers a gRPC
+Contract (the original's; ours in ``docs/reason-codes.md``): no RPC answers a gRPC
 error for business logic; lookups fail open (``NO_HINT``); ``reason_code`` is a string and
 clients treat unknown codes as ``NO_HINT``. LookupRoute emits no logs.
 

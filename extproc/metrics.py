@@ -10,7 +10,7 @@ decode errors, gaps, ...) are not pushed: :class:`StateCollector` reads them at 
 through two callables the composition root supplies, so the hot paths never touch metrics.
 
 Contract series (names, labels and buckets exactly as the original, see
-``docs/reference/metrics.md`` there): ``inferencecache_server_up``,
+the original's ``docs/reference/metrics.md``; ours: ``docs/metrics.md``): ``inferencecache_server_up``,
 ``inferencecache_server_grpc_tls_enabled``, ``inferencecache_index_entries{model}``,
 ``inferencecache_lookup_route_calls_total{model,reason_code,hint_used}``,
 ``inferencecache_lookup_route_latency_seconds{model}``,
@@ -115,7 +115,7 @@ class StateCollector(Collector):
         yield tenant
         evictions = CounterMetricFamily(
             "inferencecache_index_evictions",
-            "Replica x prefix entries removed by sweeps.",
+            "Replica x prefix entries removed by the TTL sweep (reason ttl) or the entry cap (reason cap).",
             labels=["algorithm", "reason"],
         )
         for (algorithm, reason), n in sorted(idx.index_evictions.items()):
