@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import msgpack
+
 from inference_cache.index.kvevents.config import Engine
 
 MASK64 = (1 << 64) - 1

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.config import EndpointConfig
 from inference_cache.index.kvevents.counters import Counters
@@ -52,8 +53,10 @@ class _Channel:
     rank: int
     endpoint: str
     replay: str | None
-    #: Sequence of the last batch applied (``None``: not synced yet).
+    #: Sequence of the last batch applied, live or replayed (``None``: not synced yet).
     last_seq: int | None = None
+    #: Sequence of the last live message (replay may run ahead of the live stream).
+    last_live: int | None = None
 
 
 class Subscriber:
@@ -99,7 +102,7 @@ class Subscriber:
                 t.cancel()
             results = await asyncio.gather(stopper, *tasks, return_exceptions=True)
             if own_context:
-                ctx.term()
+                ctx.destroy(linger=0)
         for r in results:
             if isinstance(r, Exception):
                 raise r
@@ -136,23 +139,24 @@ class Subscriber:
         except decode.EventDecodeError as exc:
             self._decode_error(exc)
             return
-        last = ch.last_seq
-        if last is not None and msg.seq < last:
+        if ch.last_live is not None and msg.seq <= ch.last_live:
+            # One publisher's stream only ever increases (PUB drops, never reorders).
             self.counters.restarts += 1
             log.info(
                 "kv events %s (rank %d): sequence %d after %d, engine restarted",
                 ch.endpoint,
                 ch.rank,
                 msg.seq,
-                last,
+                ch.last_live,
             )
             self.mapper.drop_rank(ch.rank)
-            ch.last_seq = last = None
-        if last is None:
+            ch.last_seq = None
+        ch.last_live = msg.seq
+        if ch.last_seq is None:
             await self._sync(ctx, ch, 0, initial=True)
-        elif msg.seq > last + 1:
+        elif msg.seq > ch.last_seq + 1:
             self.counters.gaps += 1
-            await self._sync(ctx, ch, last + 1, initial=False)
+            await self._sync(ctx, ch, ch.last_seq + 1, initial=False)
         self._apply(ch, msg)
 
     async def _sync(self, ctx: zmq.asyncio.Context, ch: _Channel, start: int, *, initial: bool) -> None:

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+
 from inference_cache.index.types import Scope
 
 DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "kv-events"
@@ -202,10 +203,14 @@ class FakePublisher:
         self.seq = 0
         self.replay_requests: list[int] = []
         self.pub = ctx.socket(zmq.XPUB)
-        if connect:
-            self.pub.connect(endpoint)
-        else:
-            self.pub.bind(endpoint)
+        try:
+            if connect:
+                self.pub.connect(endpoint)
+            else:
+                self.pub.bind(endpoint)
+        except zmq.ZMQError:
+            self.pub.close(linger=0)
+            raise
         self.endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT) if not connect else endpoint
         self.router: zmq.asyncio.Socket | None = None
         self.replay_endpoint: str | None = None
@@ -262,4 +267,4 @@ class FakePublisher:
 async def zctx() -> AsyncIterator[zmq.asyncio.Context]:
     ctx = zmq.asyncio.Context()
     yield ctx
-    ctx.term()
+    ctx.destroy(linger=0)  # never hang the suite on a socket a failing test left open

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored
 

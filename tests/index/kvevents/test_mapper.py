@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from inference_cache.index import fingerprint as fp
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.config import EndpointConfig
