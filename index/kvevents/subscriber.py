@@ -44,6 +44,9 @@ class SubscriberSettings:
     #: Reconnect backoff: first delay, doubling up to the maximum (seconds).
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    #: SUB receive high-water mark (messages): live batches queue here while a replay
+    #: runs; vLLM's publisher default ``hwm`` is 100000 too.
+    rcvhwm: int = 100_000
 
 
 @dataclass(slots=True)
@@ -114,6 +117,9 @@ class Subscriber:
         while True:
             sub = ctx.socket(zmq.SUB)
             try:
+                sub.setsockopt(zmq.RCVHWM, self._settings.rcvhwm)
+                # ZMQ reconnects a connected SUB by itself; cap its backoff like ours.
+                sub.setsockopt(zmq.RECONNECT_IVL_MAX, int(self._settings.backoff_max_s * 1000))
                 sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode("utf-8"))
                 if self.config.kv_events_bind:
                     sub.bind(ch.endpoint)
