@@ -68,6 +68,8 @@ class DemoSettings:
     block_size: int = 16
     max_tokens: int = 16
     seed: int = 0
+    tenant: str = "demo"
+    """The engines' tenant: its policy (``server.policies``) governs the lookups."""
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
     #: Bound on each wait for the index to catch up with the engines.
     sync_timeout_s: float = 10.0
@@ -249,6 +251,7 @@ async def start_cluster(settings: DemoSettings, stack: contextlib.AsyncExitStack
             config_mod.EndpointConfig(
                 address=f"127.0.0.1:{r.port}",
                 model=MODEL,
+                tenant=settings.tenant,
                 kv_events=r.config.kv_events_endpoint or "",
                 replay=r.config.replay_endpoint,
             )
@@ -308,7 +311,7 @@ async def _request(
         reason=reason,
         chosen=chosen,
         matched_tokens=matched,
-        floor=cluster.server.policies.policy("").minimum_matched_tokens,
+        floor=cluster.server.policies.policy(settings.tenant).minimum_matched_tokens,
         cap=(len(token_ids) - 1) // settings.block_size * settings.block_size,
     )
 
@@ -424,9 +427,9 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     )
 
 
-def run(args: argparse.Namespace, *, out: TextIO | None = None, progress: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    progress = progress or sys.stderr
+async def main(args: argparse.Namespace, out: TextIO, progress: TextIO) -> int:
+    """The whole subcommand on a running loop (tests await it): 0, or 1 on a failure or a
+    disagreement."""
     try:
         settings = settings_from_args(args)
         if settings.tokenizer == TINY_TOKENIZER and args.tokenizer is None:
@@ -434,15 +437,20 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None, progress: TextIO
                 progress,
                 f"note: {QWEN_TOKENIZER} not found ('make tokenizer'); using the tiny test tokenizer",
             )
-        report = asyncio.run(run_demo(settings, progress))
+        report = await run_demo(settings, progress)
     except DemoError as e:
         _say(progress, f"demo failed: {e}")
         return 1
-    except KeyboardInterrupt:
-        _say(progress, "interrupted; everything started was stopped")
-        return 130
-    print(format_report(report), file=out)
+    print(format_report(report), file=out, flush=True)
     if report.agreement < 1.0:
         _say(progress, "the index disagreed with the engines (see the rows marked NO)")
         return 1
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(main(args, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:
+        _say(sys.stderr, "interrupted; everything started was stopped")
+        return 130
