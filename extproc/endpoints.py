@@ -52,6 +52,8 @@ def kv_endpoint(
         replay=endpoint.replay,
         topic=endpoint.topic,
         lora_names={a.id: a.name for a in model.lora_adapters},
+        engine="sglang" if endpoint.engine == "sglang" else "vllm",
+        data_parallel_size=endpoint.data_parallel_size,
     )
 
 

@@ -115,6 +115,11 @@ class EndpointConfig:
     replay: str | None = None
     topic: str = ""
     metrics_url: str | None = None
+    #: Event format of the engine: ``vllm`` or ``sglang``.
+    engine: str = "vllm"
+    #: vLLM internal data-parallel load balancing: ranks share this one HTTP address (one
+    #: replica) and publish on ``kv_events`` (and ``replay``) port + rank, as vLLM offsets them.
+    data_parallel_size: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +358,15 @@ def validate(config: Config) -> None:
                 raise ConfigError(
                     f"{where}.{key}: {url!r} must be a ZMQ endpoint (tcp://host:port or ipc://path)"
                 )
+        if e.engine not in ("vllm", "sglang"):
+            raise ConfigError(f"{where}.engine: {e.engine!r} is not one of vllm, sglang")
+        if e.data_parallel_size < 1:
+            raise ConfigError(f"{where}.data_parallel_size: must be >= 1, got {e.data_parallel_size}")
+        if e.data_parallel_size > 1 and not e.kv_events.startswith("tcp://"):
+            raise ConfigError(
+                f"{where}.data_parallel_size: ranks publish on port + rank, so kv_events must be "
+                f"tcp://host:port, got {e.kv_events!r}"
+            )
         if e.metrics_url is not None:
             parsed = urllib.parse.urlsplit(e.metrics_url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:

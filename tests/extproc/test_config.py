@@ -60,7 +60,7 @@ def test_empty_document_is_the_default_config() -> None:
     [
         pytest.param(
             BASE.replace("model: m", "modle: m"),
-            "endpoints[0].modle: unknown key; expected one of address, kv_events",
+            "endpoints[0].modle: unknown key; expected one of address, data_parallel_size, engine, kv_events",
             id="unknown-key",
         ),
         pytest.param("server: {grpc_port: 1}", "server.grpc_port: unknown key", id="unknown-server-key"),
@@ -133,6 +133,21 @@ def test_empty_document_is_the_default_config() -> None:
             id="lora-id",
         ),
         pytest.param("models: [{name: m}, {name: m}]", "models[1].name: duplicate model 'm'", id="dup-model"),
+        pytest.param(
+            BASE + "    engine: trtllm\n",
+            "endpoints[0].engine: 'trtllm' is not one of vllm, sglang",
+            id="engine",
+        ),
+        pytest.param(
+            BASE + "    data_parallel_size: 0\n",
+            "endpoints[0].data_parallel_size: must be >= 1",
+            id="dp-size",
+        ),
+        pytest.param(
+            BASE.replace("tcp://10.0.0.1:5557", "ipc:///tmp/ev") + "    data_parallel_size: 2\n",
+            "endpoints[0].data_parallel_size: ranks publish on port + rank, so kv_events must be tcp://",
+            id="dp-needs-tcp",
+        ),
         pytest.param("models: [", "not valid YAML", id="yaml-syntax"),
     ],
 )
@@ -213,3 +228,17 @@ def test_go_style_boolean_flag_values() -> None:
     assert _args("--insecure-disable-auth").insecure_disable_auth is True
     assert _args("--insecure-disable-auth=false").insecure_disable_auth is False
     assert _args().insecure_disable_auth is None  # absent: the env/file/default decide
+
+
+def test_data_parallel_ranks_reach_the_subscriber_as_one_replica() -> None:
+    from inference_cache.extproc import endpoints
+
+    cfg = config.parse(
+        BASE + "    replay: tcp://10.0.0.1:5657\n    data_parallel_size: 2\n    engine: sglang\n"
+    )
+    kv = endpoints.kv_endpoint(cfg.endpoints[0], cfg.models[0])
+    assert (kv.replica_id, kv.engine, kv.data_parallel_size) == ("10.0.0.1:8000", "sglang", 2)
+    assert kv.rank_endpoints() == [
+        (0, "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5657"),
+        (1, "tcp://10.0.0.1:5558", "tcp://10.0.0.1:5658"),
+    ]
