@@ -104,7 +104,8 @@ class Row:
         if self.cached_tokens != self.held[self.sent_to]:
             return False  # the engine's own answer differs from its cache state: never expected
         if self.chosen is not None:
-            return self.held[self.chosen] == self.best and min(self.matched_tokens, self.cap) == self.best
+            holds_longest = self.held.get(self.chosen, -1) == self.best
+            return holds_longest and min(self.matched_tokens, self.cap) == self.best
         return self.best < self.floor or len(set(self.held.values())) == 1
 
 
@@ -413,6 +414,8 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         raise DemoError(
             f"no tokenizer: run 'make tokenizer' (writes {QWEN_TOKENIZER}) or pass --tokenizer DIR"
         )
+    if not (tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer).is_file():
+        raise DemoError(f"{tokenizer}: no tokenizer.json there")
     if args.engines < 1 or args.conversations < 0 or args.turns < 1 or args.rag_requests < 0:
         raise DemoError("--engines and --turns must be >= 1; --conversations and --rag-requests >= 0")
     return DemoSettings(
