@@ -130,6 +130,14 @@ def cached_ratio(rows: Sequence[Row]) -> float:
     return sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0
 
 
+def random_ratio(rows: Sequence[Row]) -> float:
+    """The cached-token ratio uniformly random placement would have expected on ``rows``
+    (each engine's held run, averaged)."""
+    prompt = sum(r.prompt_tokens for r in rows)
+    expected = sum(sum(r.held.values()) / len(r.held) for r in rows if r.held)
+    return expected / prompt if prompt else 0.0
+
+
 # -- the cluster --------------------------------------------------------------------------------
 
 
@@ -364,14 +372,15 @@ def format_report(report: Report) -> str:
             f"{r.label:<16}{r.prompt_tokens:>7}  {index:<18}{f'{holders} ({r.best})':<20}"
             f"{r.sent_to:<9}{r.cached_tokens:>7}  {'yes' if r.agrees else 'NO'}"
         )
-    routed = report.routed
+    routed, first = report.routed, [r for r in report.rows if not r.routed]
     agree = sum(r.agrees for r in routed)
     lines += [
         "",
         f"agreement: {agree}/{len(routed)} follow-ups ({100 * report.agreement:.1f}%)",
-        f"cached-token ratio: {100 * cached_ratio(report.rows):.1f}% overall, "
-        f"{100 * cached_ratio(routed):.1f}% on routed follow-ups, "
-        f"{100 * cached_ratio([r for r in report.rows if not r.routed]):.1f}% on randomly placed first turns",
+        f"cached-token ratio: {100 * cached_ratio(report.rows):.1f}% overall",
+        f"  routed follow-ups: {100 * cached_ratio(routed):.1f}% "
+        f"(random placement would expect {100 * random_ratio(routed):.1f}%)",
+        f"  first turns, placed at random: {100 * cached_ratio(first):.1f}%",
         "KV events ingested: " + ", ".join(f"{k} {n}" for k, n in sorted(report.events.items())),
     ]
     return "\n".join(lines)
