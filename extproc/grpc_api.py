@@ -29,8 +29,11 @@ LookupRoute inputs, first match wins (the original's later dual-input path):
 Deadlines: the tenant policy's ``lookupTimeoutMs`` and the caller's gRPC deadline bound the
 call. The index lookup is CPU-bound and runs inline on the loop (it cannot be interrupted
 half-way), so the deadline is checked before it and after it: an answer that arrives late
-is ``TIMEOUT``, with no LFU credit. Only delivered answers credit hits. A ``NO_HINT``
-answer carries no scores (the index keeps sub-floor scores for the ext_proc scorer).
+is ``TIMEOUT``, with no LFU credit. Only delivered answers credit hits. A hash-keyed
+``NO_HINT`` carries no scores (as the original); a token-keyed answer lists every replica
+with a matched block whatever its reason: the floors (``minimumMatchedTokens``,
+``routingFloorScore``) only choose ``PREFIX_MATCH`` vs ``NO_HINT``, and the
+distinguishing-power factor counts the model's configured endpoints as candidates.
 
 StreamMetrics cadence: one snapshot of every (matching) sample immediately, then one every
 ``metrics_interval_s`` until the client cancels; all samples of one snapshot share one
@@ -290,12 +293,18 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
             if min_tokens > 0 and len(keys) * model.block_size < min_tokens:
                 return NO_HINT, [], False
             scope = types.Scope(tenant, model.name, types.HASH_SCHEME_VLLM, request.adapter_id)
-            result = self._index.lookup_tokens(scope, keys, policy, ttft_budget_ms=request.slo.ttft_ms)
+            candidates = sum(1 for e in self._config.endpoints if e.model == model.name)
+            result = self._index.lookup_tokens(
+                scope, keys, policy, ttft_budget_ms=request.slo.ttft_ms, replica_count=candidates
+            )
+            if deadline is not None and self._monotonic() - start > deadline:
+                return TIMEOUT, [], True
+            # Token-keyed: floors only chose the reason; every matched replica is listed.
+            result.credit_hits()
+            return result.strategy.value, list(result.scores), True
         if deadline is not None and self._monotonic() - start > deadline:
             return TIMEOUT, [], True
         if result.strategy is types.Strategy.NONE:
-            # The token-keyed lookup keeps sub-floor scores for the ext_proc scorer; on the
-            # wire NO_HINT carries no scores, as the original.
             return NO_HINT, [], True
         result.credit_hits()
         return result.strategy.value, list(result.scores), True

@@ -881,12 +881,17 @@ class Index:
         policy: policy_mod.NamespacePolicy,
         *,
         ttft_budget_ms: int = 0,
+        replica_count: int = 0,
     ) -> types.LookupResult:
         """Token-keyed LookupResult (LookupRoute with ``token_ids``, the ext_proc scorer).
 
         Every replica with a fresh leading run is scored with the chain formula
         ``matched_tokens x freshness x pressure factor x SLO bias x dp`` (``matched_tokens``
-        = the last matched entry's token count), best first. Policy floors never remove or
+        = the last matched entry's token count), best first: score, then the longer run,
+        then replica id (so a run every replica holds, dp 0, still lists the longest
+        first). ``dp`` divides by ``max(replica_count, replicas with entries in the
+        scope)``: the caller passes the number of candidate replicas (the model's
+        configured endpoints), so replicas that hold nothing yet count. Policy floors never remove or
         rewrite entries: they only choose the reason. The strategy is PREFIX_MATCH when the
         best run has ``matched_tokens >= minimumMatchedTokens`` and ``score >=
         routingFloorScore``, else NONE (NO_HINT) with the scores kept. Affinity is not
@@ -902,7 +907,9 @@ class Index:
             if sc is None or not keys:
                 return types.LookupResult(types.Strategy.NONE)
             walks = self._walk(sc, keys, now_us - _to_us(ttl))
-            dps = ranking.chain_dp_factors([w.last_tokens for w in walks], len(sc.replicas))
+            dps = ranking.chain_dp_factors(
+                [w.last_tokens for w in walks], max(replica_count, len(sc.replicas))
+            )
             for w, dp in zip(walks, dps, strict=True):
                 rid = w.replica.replica_id
                 fr = ranking.freshness((now_us - w.oldest_us) / 1e6, ttl)
@@ -912,7 +919,7 @@ class Index:
                 )
             if self.policies.is_lfu(scope.tenant):
                 credit = [_Credit(w.replica, k, self._lock) for w in walks for k in keys[: w.blocks]]
-        ranking.sort_scores(scores)
+        scores.sort(key=lambda s: (-s.score, -s.matched_tokens, s.replica_id))
         best = scores[0] if scores else None
         passes = (
             best is not None

@@ -188,6 +188,10 @@ async def test_token_ids_are_fingerprinted_in_the_configured_scope(start_server:
         assert (await lookup(hash_scheme="sglang")).reason_code == "NO_HINT"
         assert (await lookup(token_ids=tokens[:15])).reason_code == "NO_HINT"  # < one block
         assert (await lookup(token_ids=list(range(200, 264)))).reason_code == "NO_HINT"
+        # Below minimumMatchedTokens (64): the reason is NO_HINT, the entry is still listed.
+        short = await lookup(token_ids=[*tokens[:32], 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
+        assert short.reason_code == "NO_HINT"
+        assert [(s.replica_id, s.matched_tokens) for s in short.replica_scores] == [(R1, 32)]
 
 
 @pytest.mark.parametrize(

@@ -213,3 +213,25 @@ def test_lookup_tokens_keeps_scores_and_only_picks_reason(index: store.Index) ->
     assert short.strategy is ST.NONE  # 32 tokens < minimumMatchedTokens 64
     assert [s.replica_id for s in short.scores] == ["deep", "shallow"]
     assert index.lookup_tokens(S, blocks(*"zz"), policy.NamespacePolicy()).scores == []
+
+
+def test_lookup_tokens_lists_longest_first_when_every_holder_scores_zero(index: store.Index) -> None:
+    # Both replicas with entries hold the first two blocks: dp is 0 for both runs.
+    store_chain(index, "a-short", "ab")
+    store_chain(index, "z-long", "abc")
+    res = index.lookup_tokens(S, blocks(*"ab"), policy.NamespacePolicy())
+    assert [s.score for s in res.scores] == [0.0, 0.0]
+    res = index.lookup_tokens(S, blocks(*"abc"), policy.NamespacePolicy(minimum_matched_tokens=0))
+    assert [(s.replica_id, s.matched_tokens) for s in res.scores] == [("z-long", 48), ("a-short", 32)]
+
+
+def test_lookup_tokens_counts_candidates_that_hold_nothing(index: store.Index) -> None:
+    # Two of three candidate replicas hold the prefix; the third has no entries yet.
+    store_chain(index, "r1", "abcd")
+    store_chain(index, "r2", "abcd")
+    floor_off = policy.NamespacePolicy(minimum_matched_tokens=0)
+    alone = index.lookup_tokens(S, blocks(*"abcd"), floor_off)
+    assert alone.strategy is ST.NONE  # every replica the index knows holds it: dp 0
+    counted = index.lookup_tokens(S, blocks(*"abcd"), floor_off, replica_count=3)
+    assert counted.strategy is ST.PREFIX_MATCH
+    assert [s.score for s in counted.scores] == pytest.approx([64 / 3, 64 / 3])
