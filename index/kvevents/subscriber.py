@@ -6,9 +6,11 @@ to a ``BlockSink``. Wire (research ``protocols.md`` §1.2-1.3):
 
 - SUB socket per data-parallel rank, connected where the engine binds (or bound where
   the engine connects, ``kv_events_bind``); frames ``[topic, seq (8B BE), payload]``;
-- per rank: the first message (and the first after a restart) asks replay from 0, i.e.
-  the oldest buffered batch; a gap asks replay of the missing range; a sequence going
-  backwards is an engine restart (state dropped, rebuilt from replay); replay that cannot
+- per rank: connecting with no state, the first message, and the first after a restart
+  ask replay from 0, i.e. the oldest buffered batch (with no state yet, a buffer that
+  no longer starts at 0 is applied as far as it goes: unknown parents become orphans);
+  a gap asks replay of the missing range; a sequence going backwards is an engine
+  restart (state dropped, rebuilt from replay); replay that cannot
   cover a gap (none configured, failed, or starting after the gap) drops the rank's
   state and continues (new stores rebuild it). Batches already applied are skipped;
 - replay: a fresh DEALER per request, ``[b"", start_seq (8B BE)]``; replies are
@@ -126,6 +128,10 @@ class Subscriber:
                 else:
                     sub.connect(ch.endpoint)
                 backoff = self._settings.backoff_initial_s
+                if ch.last_seq is None and ch.replay is not None:
+                    # (Re)connected with no state: ask for the oldest buffered batch now
+                    # rather than at the first live batch (an idle engine sends none).
+                    await self._sync(ctx, ch, 0, initial=True)
                 while True:
                     frames = await sub.recv_multipart()
                     await self._on_live(ctx, ch, frames)
@@ -190,8 +196,8 @@ class Subscriber:
                     self.counters.replayed_batches += 1
                     if first:
                         covered, first = msg.seq <= start, False
-                        if not covered:
-                            return False
+                        if not covered and ch.last_seq is not None:
+                            return False  # a gap replay cannot cover: the caller resyncs
                     self._apply(ch, msg)
         except TimeoutError:
             log.warning("kv events %s (rank %d): replay from %d timed out", ch.endpoint, ch.rank, start)
@@ -201,6 +207,10 @@ class Subscriber:
             return False
         finally:
             dealer.close(linger=0)
+        if first and ch.last_seq is None:
+            # An empty buffer: nothing was published yet, so the next batch is seq ``start``.
+            ch.last_seq = start - 1
+            return True
         return covered
 
     def _apply(self, ch: _Channel, msg: decode.Message) -> None:
