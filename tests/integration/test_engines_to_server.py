@@ -14,21 +14,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import random
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import pytest
 
 from inference_cache import demo
-from inference_cache.demo_workload import WORDS
-from inference_cache.index.policy import NamespacePolicy
-from inference_cache.proto import pb
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_TOKENIZER = REPO / "tests" / "data" / "tiny-tokenizer"
-BS = 16
-SYNC_S = 10.0
+from .conftest import (
+    BS,
+    SYNC_S,
+    TINY_TOKENIZER,
+    cap,
+    floors_off,
+    full_blocks,
+    lookup,
+    send,
+    text,
+    tokens,
+)
+
 #: 47 usable blocks per engine: a 40-block prompt evicts part of an earlier 10-block one.
 NUM_GPU_BLOCKS = 48
 
@@ -38,47 +42,9 @@ async def cluster() -> AsyncIterator[demo.Cluster]:
     settings = demo.DemoSettings(tokenizer=TINY_TOKENIZER, engines=3, num_gpu_blocks=NUM_GPU_BLOCKS)
     async with contextlib.AsyncExitStack() as stack:
         c = await demo.start_cluster(settings, stack)
-        floors_off = NamespacePolicy(settings.tenant, minimum_matched_tokens=0, routing_floor_score=0.0)
-        c.server.policies.replace([floors_off])
+        floors_off(c.server, settings.tenant)
         await c.connect(SYNC_S)
         yield c
-
-
-def text(seed: int, words: int) -> str:
-    rng = random.Random(seed)
-    return f"[{seed}] " + " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-async def tokens(c: demo.Cluster, prompt: str) -> list[int]:
-    body = await c.post("e1", "/tokenize", {"prompt": prompt, "add_special_tokens": False})
-    ids: list[int] = body["tokens"]
-    return ids
-
-
-async def send(c: demo.Cluster, engine: str, ids: Sequence[int]) -> int:
-    """Complete ``ids`` on ``engine`` (one output token: only the prompt's full blocks get
-    cached); -> the engine's ``cached_tokens``."""
-    body = await c.post(
-        engine, "/v1/completions", {"model": demo.MODEL, "prompt": list(ids), "max_tokens": 1}
-    )
-    assert body["usage"]["prompt_tokens"] == len(ids)
-    cached: int = body["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return cached
-
-
-async def lookup(c: demo.Cluster, ids: Sequence[int]) -> list[tuple[str, int]]:
-    """After the index caught up: [(engine, matched_tokens)], best first."""
-    await c.wait_ingested(SYNC_S)
-    response = await c.stub.LookupRoute(pb.LookupRouteRequest(model_id=demo.MODEL, token_ids=ids))
-    return [(c.name_of(s.replica_id), s.matched_tokens) for s in response.replica_scores]
-
-
-def cap(ids: Sequence[int]) -> int:
-    return (len(ids) - 1) // BS * BS
-
-
-def full_blocks(n: int) -> int:
-    return n // BS * BS
 
 
 def common(a: Sequence[int], b: Sequence[int]) -> int:

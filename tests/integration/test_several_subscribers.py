@@ -18,30 +18,29 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import random
 from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
 
 import grpc
 import pytest
 
 from inference_cache import demo
-from inference_cache.demo_workload import WORDS
 from inference_cache.extproc.serve import Server
-from inference_cache.index.policy import NamespacePolicy
-from inference_cache.proto import pb, pb_grpc
+from inference_cache.proto import pb_grpc
 
-TINY_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "data" / "tiny-tokenizer"
-BS = 16
-SYNC_S = 10.0
+from .conftest import (
+    SYNC_S,
+    TINY_TOKENIZER,
+    Scores,
+    cap,
+    floors_off,
+    full_blocks,
+    lookup,
+    send,
+    text,
+    tokens,
+)
+
 SETTINGS = demo.DemoSettings(tokenizer=TINY_TOKENIZER, engines=2, num_gpu_blocks=400)
-Scores = list[tuple[str, int]]
-
-
-def floors_off(server: Server) -> None:
-    server.policies.replace(
-        [NamespacePolicy(SETTINGS.tenant, minimum_matched_tokens=0, routing_floor_score=0.0)]
-    )
 
 
 async def add_server(c: demo.Cluster, stack: contextlib.AsyncExitStack) -> demo.Cluster:
@@ -49,7 +48,7 @@ async def add_server(c: demo.Cluster, stack: contextlib.AsyncExitStack) -> demo.
     server = Server(c.server.config)
     stack.push_async_callback(server.stop, 0.1)
     addresses = await server.start()
-    floors_off(server)
+    floors_off(server, SETTINGS.tenant)
     channel = grpc.aio.insecure_channel(addresses.grpc)
     stack.push_async_callback(channel.close)
     return demo.Cluster(c.engines, server, c.session, pb_grpc.InferenceCacheStub(channel), c.block_size)
@@ -64,46 +63,9 @@ async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
 @pytest.fixture
 async def cluster(stack: contextlib.AsyncExitStack) -> demo.Cluster:
     c = await demo.start_cluster(SETTINGS, stack)
-    floors_off(c.server)
+    floors_off(c.server, SETTINGS.tenant)
     await c.connect(SYNC_S)
     return c
-
-
-def text(seed: int, words: int) -> str:
-    rng = random.Random(seed)
-    return f"[{seed}] " + " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-async def tokens(c: demo.Cluster, prompt: str) -> list[int]:
-    body = await c.post("e1", "/tokenize", {"prompt": prompt, "add_special_tokens": False})
-    ids: list[int] = body["tokens"]
-    return ids
-
-
-async def send(c: demo.Cluster, engine: str, ids: Sequence[int]) -> int:
-    """Complete ``ids`` on ``engine`` (one output token); -> its ``cached_tokens``."""
-    body = await c.post(
-        engine, "/v1/completions", {"model": demo.MODEL, "prompt": list(ids), "max_tokens": 1}
-    )
-    cached: int = body["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return cached
-
-
-async def lookup(c: demo.Cluster, ids: Sequence[int]) -> Scores:
-    """After ``c``'s server caught up: [(engine, matched_tokens)], best first."""
-    await c.wait_ingested(SYNC_S)
-    response = await c.stub.LookupRoute(
-        pb.LookupRouteRequest(model_id=demo.MODEL, token_ids=ids), timeout=5.0
-    )
-    return [(c.name_of(s.replica_id), s.matched_tokens) for s in response.replica_scores]
-
-
-def cap(ids: Sequence[int]) -> int:
-    return (len(ids) - 1) // BS * BS
-
-
-def full_blocks(n: int) -> int:
-    return n // BS * BS
 
 
 async def engines_agree(c: demo.Cluster, scores: Scores, ids: Sequence[int]) -> None:
