@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+import vllm_samples
 import zmq
 import zmq.asyncio
 from aiohttp import web
@@ -31,29 +32,8 @@ from inference_cache import cli, enginestats, subscribe
 from inference_cache.index import fingerprint
 from inference_cache.proto import pb, pb_grpc
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kv-events"
-CAPTURE = DATA / "vllm0.33.0_real_publisher_capture.txt"
 REQUIRED = ["--replica-id", "10.0.0.1:8000", "--model-id", "m"]
 BOUND_S = 10.0  # an upper bound for loopback I/O, not a timing goal
-
-
-def capture_sections() -> dict[str, tuple[bytes, bytes]]:
-    """``{section title: (topic, payload)}`` of the captured vLLM 0.33 publisher frames."""
-    sections: dict[str, tuple[bytes, bytes]] = {}
-    title, topic = "", b""
-    for line in CAPTURE.read_text().splitlines():
-        if line.startswith("## "):
-            title = line[3:]
-        elif line.startswith("topic_hex="):
-            topic = bytes.fromhex(line.split("=", 1)[1].split()[0])
-        elif line.startswith("payload_hex=") and title not in sections:
-            sections[title] = (topic, bytes.fromhex(line.split("=", 1)[1]))
-    return sections
-
-
-def section(prefix: str) -> tuple[bytes, bytes]:
-    (match,) = [v for k, v in capture_sections().items() if k.startswith(prefix)]
-    return match
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -283,7 +263,8 @@ async def test_vllm_events_reach_the_server_as_our_fingerprints(
             # block 1 (group 0), then clears.
             titles = ["BlockStored x2 blocks", "BlockStored with parent", "BlockRemoved", "AllBlocksCleared"]
             for seq, title in enumerate(titles):
-                topic, payload = section(title)
+                frame = vllm_samples.captured(title)
+                topic, payload = frame.topic, frame.payload
                 await pub.send_multipart([topic, struct.pack(">Q", seq), payload])
             stored, evicted, cleared = await rec.wait_for(3)
     finally:

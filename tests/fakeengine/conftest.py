@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import vllm_samples
 
 REPO = Path(__file__).resolve().parents[2]
-KV_EVENTS = REPO.parent / "shared" / "data" / "kv-events"
 TINY_TOKENIZER = REPO / "tests" / "data" / "tiny-tokenizer"
 
 
 @pytest.fixture
 def kv_events_dir() -> Path:
-    if not KV_EVENTS.is_dir():
-        pytest.fail(f"shared vLLM samples missing: {KV_EVENTS}")
-    return KV_EVENTS
+    return vllm_samples.kv_events_dir()

@@ -4,11 +4,11 @@ publisher capture are reproduced byte for byte over real ZMQ."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import msgpack
 import pytest
+import vllm_samples
 import zmq
 
 from inference_cache.fakeengine import events, hashing, publisher, versions
@@ -66,24 +66,13 @@ CAPTURED_BATCHES: list[tuple[float, list[events.Event], int]] = [
 ]
 
 
-def captured_frames(path: Path) -> list[tuple[bytes, bytes, bytes]]:
-    text = path.read_text().split("(RECONSTRUCTED")[0]
-    topics = re.findall(r"^topic_hex=([0-9a-f]+)", text, re.M)
-    seqs = re.findall(r"^seq_hex=([0-9a-f]+)", text, re.M)
-    payloads = re.findall(r"^payload_hex=([0-9a-f]+)", text, re.M)
-    return [
-        (bytes.fromhex(t), bytes.fromhex(s), bytes.fromhex(p))
-        for t, s, p in zip(topics, seqs, payloads, strict=True)
-    ]
-
-
 def test_capture_hashes_are_ours() -> None:
     hasher = hashing.BlockHasher.create("sha256_cbor", None, 16, (0, 33, 0))
     assert [hashing.external(h) for h in hasher.extend([], list(range(1, 33)))] == [H0, H1]
 
 
 async def test_real_publisher_capture_reproduced(kv_events_dir: Path, tmp_path: Path) -> None:
-    expected = captured_frames(kv_events_dir / "vllm0.33.0_real_publisher_capture.txt")
+    expected = [(f.topic, f.seq, f.payload) for f in vllm_samples.capture() if not f.reconstructed]
     assert len(expected) == len(CAPTURED_BATCHES) == 6
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = publisher.ZmqPublisher(
@@ -129,8 +118,7 @@ async def _until_subscribed(pub: publisher.ZmqPublisher, sub: zmq.Socket[bytes])
 
 
 def test_pre_024_capture_is_the_array_form(kv_events_dir: Path) -> None:
-    text = (kv_events_dir / "vllm0.33.0_real_publisher_capture.txt").read_text().split("(RECONSTRUCTED")[1]
-    expected = bytes.fromhex(re.search(r"payload_hex=([0-9a-f]+)", text)[1])  # type: ignore[index]
+    (expected,) = [f.payload for f in vllm_samples.capture() if f.reconstructed]
     batch = [
         BlockStored([H0, H1], None, list(range(1, 33)), 16),
         BlockRemoved([H1]),

@@ -9,17 +9,17 @@ import collections
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+import vllm_samples
 import zmq
 import zmq.asyncio
 
 from inference_cache.index.types import Scope
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "kv-events"
+DATA = vllm_samples.KV_EVENTS
 END = (-1).to_bytes(8, "big", signed=True)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import vllm_samples
 
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored
@@ -60,27 +61,6 @@ def test_sample_batches(version: str, stored: BlockStored, removed: BlockRemoved
     assert got == decode.EventBatch(1700000000.5, (stored, removed, AllBlocksCleared()), rank)
 
 
-def _capture() -> list[tuple[str, bytes, bytes | None, bytes]]:
-    """(section title, payload, seq frame or None, topic) of every payload in the capture."""
-    text = (DATA / "vllm0.33.0_real_publisher_capture.txt").read_text()
-    out = []
-    for section in text.split("\n## ")[1:]:
-        m = re.search(r"^payload_hex=([0-9a-f]+)$", section, re.M)
-        if m is None:
-            continue
-        seq = re.search(r"^seq_hex=([0-9a-f]+)", section, re.M)
-        topic = re.search(r"^topic_hex=([0-9a-f]+)", section, re.M)
-        out.append(
-            (
-                section.splitlines()[0],
-                bytes.fromhex(m.group(1)),
-                bytes.fromhex(seq.group(1)) if seq else None,
-                bytes.fromhex(topic.group(1)) if topic else b"",
-            )
-        )
-    return out
-
-
 B0, B1 = 8866452693264111234, 807986237951177663
 CAPTURE_EXPECTED = [
     decode.EventBatch(1700000000.0, (BlockStored((B0, B1), None, TOKENS, 16, medium="GPU"),), 0),
@@ -114,9 +94,10 @@ CAPTURE_EXPECTED = [
 
 @pytest.mark.parametrize("index", range(len(CAPTURE_EXPECTED)))
 def test_real_publisher_capture(index: int) -> None:
-    captured = _capture()
+    captured = vllm_samples.capture()
     assert len(captured) == len(CAPTURE_EXPECTED)
-    _title, payload, seq, topic = captured[index]
+    frame = captured[index]
+    payload, seq, topic = frame.payload, frame.seq, frame.topic
     if seq is not None:
         msg = decode.split_live([topic, seq, payload])
         assert msg.seq == index

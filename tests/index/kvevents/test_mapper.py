@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import vllm_samples
 
 from inference_cache.index import fingerprint as fp
 from inference_cache.index.kvevents import decode
@@ -16,7 +17,6 @@ from inference_cache.index.types import Scope
 
 from .conftest import (
     CLEARED,
-    DATA,
     RecordingSink,
     batch,
     sglang_removed,
@@ -53,10 +53,7 @@ def test_capture_stream_maps_and_removes(sink: RecordingSink) -> None:
     """The real 0.33 publisher's payloads, in order: int hashes, a child, a raw-bytes
     re-store of block 0 (same identity), a removal, a clear."""
     m = _mapper(sink)
-    text = (DATA / "vllm0.33.0_real_publisher_capture.txt").read_text()
-    payloads = [
-        bytes.fromhex(line.split("=", 1)[1]) for line in text.splitlines() if line.startswith("payload_hex=")
-    ]
+    payloads = [f.payload for f in vllm_samples.capture()]
     want = fp.chain_keys(T32, 16)
     for p in payloads[:3]:
         m.apply(decode.decode_batch(p))
