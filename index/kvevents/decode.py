@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 
 import msgpack
 
+from inference_cache.index.kvevents import vllm_schema
 from inference_cache.index.kvevents.config import Engine
 
 MASK64 = (1 << 64) - 1
@@ -100,27 +101,7 @@ class Message:
 
 #: Positional field order of array-form events, per engine (declaration order).
 _POSITIONAL: dict[Engine, dict[str, tuple[str, ...]]] = {
-    "vllm": {
-        "BlockStored": (
-            "block_hashes",
-            "parent_block_hash",
-            "token_ids",
-            "block_size",
-            "lora_id",
-            "medium",
-            "lora_name",
-            "extra_keys",
-            "group_idx",
-            "kv_cache_spec_kind",
-            "kv_cache_spec_sliding_window",
-            "locality",
-            "ownership",
-            "session_id",
-            "lookahead_token_ids",
-        ),
-        "BlockRemoved": ("block_hashes", "medium", "group_idx", "locality", "ownership"),
-        "AllBlocksCleared": (),
-    },
+    "vllm": {tag: tuple(f.name for f in fields) for tag, fields in vllm_schema.EVENTS.items()},
     "sglang": {
         "BlockStored": (
             "block_hashes",

@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 
 from inference_cache.fakeengine.versions import Version
+from inference_cache.index.kvevents import vllm_schema
 
 Hash = int | bytes
 MEDIUM_GPU = "GPU"
@@ -66,41 +67,10 @@ class AllBlocksCleared:
 Event = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-@dataclass(frozen=True)
-class _Field:
-    name: str
-    since: Version
-    has_default: bool
-
-
-_STORED = (
-    _Field("block_hashes", (0, 9, 0), False),
-    _Field("parent_block_hash", (0, 9, 0), False),
-    _Field("token_ids", (0, 9, 0), False),
-    _Field("block_size", (0, 9, 0), False),
-    _Field("lora_id", (0, 9, 0), False),
-    _Field("medium", (0, 10, 2), False),
-    _Field("lora_name", (0, 14, 0), False),
-    _Field("extra_keys", (0, 17, 0), True),
-    _Field("group_idx", (0, 20, 0), True),
-    _Field("kv_cache_spec_kind", (0, 23, 0), True),
-    _Field("kv_cache_spec_sliding_window", (0, 23, 0), True),
-    _Field("locality", (0, 26, 0), True),
-    _Field("ownership", (0, 29, 0), True),
-    _Field("session_id", (0, 30, 0), True),
-    _Field("lookahead_token_ids", (0, 33, 0), True),
-)
-_REMOVED = (
-    _Field("block_hashes", (0, 9, 0), False),
-    _Field("medium", (0, 10, 2), False),
-    _Field("group_idx", (0, 20, 0), True),
-    _Field("locality", (0, 26, 0), True),
-    _Field("ownership", (0, 29, 0), True),
-)
-_SCHEMAS: dict[type, tuple[_Field, ...]] = {
-    BlockStored: _STORED,
-    BlockRemoved: _REMOVED,
-    AllBlocksCleared: (),
+_SCHEMAS: dict[type, tuple[vllm_schema.Field, ...]] = {
+    BlockStored: vllm_schema.BLOCK_STORED,
+    BlockRemoved: vllm_schema.BLOCK_REMOVED,
+    AllBlocksCleared: vllm_schema.ALL_BLOCKS_CLEARED,
 }
 
 #: Events are maps from this version (vLLM PR #42892), arrays before.
