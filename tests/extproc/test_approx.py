@@ -1,0 +1,124 @@
+"""``extproc.approx``: chunk keys, leading matches, the per-replica LRU, TTL and forgetting.
+
+Time is a plain variable behind the injected clock; nothing else is faked.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from inference_cache.extproc.approx import ApproxIndex
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def clock() -> Clock:
+    return Clock()
+
+
+def make(clock: Clock, **kwargs: int) -> ApproxIndex:
+    return ApproxIndex(block_chars=4, clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def test_keys_chain_full_chunks_only(clock: Clock) -> None:
+    idx = make(clock)
+    keys = idx.keys("m", None, b"aaaabbbbcc")
+    assert len(keys) == 2  # the partial "cc" is dropped
+    assert idx.keys("m", None, b"aaaabbbbccdd")[:2] == keys  # a longer prompt extends the chain
+    assert idx.keys("m", None, b"xxxxbbbb")[1] != keys[1]  # a key stands for its whole prefix
+    assert idx.keys("m", None, b"abc") == []
+
+
+def test_keys_are_scoped_by_model_and_salt(clock: Clock) -> None:
+    idx = make(clock)
+    text = b"aaaabbbb"
+    plain = idx.keys("m", None, text)
+    assert idx.keys("m", "", text) == plain
+    assert set(idx.keys("m", "s", text)).isdisjoint(plain)
+    assert set(idx.keys("other", None, text)).isdisjoint(plain)
+    assert idx.keys("m", None, text) == ApproxIndex(block_chars=4, clock=clock).keys("m", None, text)
+
+
+def test_keys_stop_at_max_blocks(clock: Clock) -> None:
+    idx = make(clock, max_blocks=3)
+    assert len(idx.keys("m", None, b"x" * 400)) == 3
+
+
+def test_match_counts_leading_blocks_per_candidate(clock: Clock) -> None:
+    idx = make(clock)
+    keys = idx.keys("m", None, b"aaaabbbbccccdddd")
+    idx.record("a", keys[:2])
+    idx.record("b", keys)
+    idx.record("c", keys[1:])  # no first block: no leading match
+    assert idx.match(keys, ["a", "b", "c", "d"]) == {"a": 2, "b": 4}
+    assert idx.match(keys, ["a"]) == {"a": 2}  # only candidates are considered
+    assert idx.match(idx.keys("m", None, b"zzzz"), ["a", "b"]) == {}
+    assert idx.tokens(4) == 4  # 4 chunks x 4 chars / 4 chars per token
+
+
+def test_capacity_evicts_least_recent_and_keeps_prompt_roots(clock: Clock) -> None:
+    idx = make(clock, capacity_blocks=3)
+    first = idx.keys("m", None, b"aaaabbbb")
+    second = idx.keys("m", None, b"ccccdddd")
+    idx.record("a", first)
+    clock.now += 1
+    idx.record("a", second)  # 4 keys > 3: first's tail goes, its root stays
+    assert idx.size == 3
+    assert idx.match(first, ["a"]) == {"a": 1}
+    assert idx.match(second, ["a"]) == {"a": 2}
+    idx.record("b", first)
+    assert idx.match(first, ["a", "b"]) == {"a": 1, "b": 2}
+
+
+def test_refresh_moves_keys_to_the_recent_end(clock: Clock) -> None:
+    idx = make(clock, capacity_blocks=2)
+    old = idx.keys("m", None, b"aaaa")
+    idx.record("a", old)
+    idx.record("a", idx.keys("m", None, b"bbbb"))
+    idx.record("a", old)  # refreshed: "bbbb" is now the least recent
+    idx.record("a", idx.keys("m", None, b"cccc"))
+    assert idx.match(old, ["a"]) == {"a": 1}
+    assert idx.match(idx.keys("m", None, b"bbbb"), ["a"]) == {}
+    assert idx.size == 2
+
+
+def test_entries_expire_after_ttl(clock: Clock) -> None:
+    idx = ApproxIndex(block_chars=4, ttl_s=10.0, clock=clock)
+    keys = idx.keys("m", None, b"aaaabbbb")
+    idx.record("a", keys)
+    clock.now += 9.9
+    assert idx.match(keys, ["a"]) == {"a": 2}
+    clock.now += 0.1
+    assert idx.match(keys, ["a"]) == {}
+    idx.record("a", idx.keys("m", None, b"cccc"))  # drops the expired entries
+    assert idx.size == 1
+
+
+def test_forget_removes_the_replica_everywhere(clock: Clock) -> None:
+    idx = make(clock)
+    keys = idx.keys("m", None, b"aaaabbbb")
+    idx.record("a", keys)
+    idx.record("b", keys)
+    idx.forget("a")
+    idx.forget("unknown")
+    assert idx.match(keys, ["a", "b"]) == {"b": 2}
+    assert idx.size == 2
+    idx.forget("b")
+    assert idx.size == 0
+    assert idx.match(keys, ["a", "b"]) == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"block_chars": 0}, {"max_blocks": 0}, {"capacity_blocks": 0}, {"chars_per_token": 0.0}, {"ttl_s": 0.0}],
+)
+def test_rejects_nonsense_settings(clock: Clock, kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        ApproxIndex(clock=clock, **kwargs)  # type: ignore[arg-type]
