@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from inference_cache.fakeengine.hashing import LoRA
 from inference_cache.fakeengine.publisher import ZmqPublisher
 from inference_cache.fakeengine.scheduler import Admission, Engine, RequestRejected
-from inference_cache.fakeengine.tokenize import PromptTokenizer, TemplateError
+from inference_cache.tokenizer import PromptTokenizer, TemplateError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from inference_cache.fakeengine.hashing import HASH_ALGOS, BlockHasher, HashAlgo
 from inference_cache.fakeengine.prefix_cache import PrefixCache
 from inference_cache.fakeengine.publisher import PublisherSettings, ZmqPublisher
 from inference_cache.fakeengine.scheduler import Clock, Engine, LoopClock, TimeModel
-from inference_cache.fakeengine.tokenize import PromptTokenizer
+from inference_cache.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import zmq.asyncio
 from inference_cache.fakeengine import main
 from inference_cache.fakeengine.main import EngineConfig, Running
 from inference_cache.fakeengine.scheduler import TimeModel
-from inference_cache.fakeengine.tokenize import PromptTokenizer
+from inference_cache.tokenizer import PromptTokenizer
 
 from .conftest import TINY_TOKENIZER
 
