@@ -340,6 +340,7 @@ class _Stream:
         self._status: int | None = None
         self._served: str | None = None
         self._reader: _ResponseReader | None = None
+        self._response_ended = False
 
     @property
     def done(self) -> bool:
@@ -451,6 +452,8 @@ class _Stream:
         return [immediate(rejection)]
 
     def _report(self, mode: Mode, outcome: str, status: int) -> None:
+        if self._reported:  # once per stream, even if the RPC ends while a pick completes
+            return
         self._reported = True
         if self._observer is not None:
             self._observer.request(mode=mode.value, outcome=outcome, status=status)
@@ -472,6 +475,8 @@ class _Stream:
         return [answer]
 
     def _response_body(self, body: Any) -> list[Any]:
+        if self._response_ended and self._response_mode is Mode.FULL_DUPLEX:
+            return []  # a repeated final chunk: echoing it would send the client data twice
         if self._reader is not None:
             self._reader.feed(body.body)
         if body.end_of_stream:
@@ -482,6 +487,7 @@ class _Stream:
         return [continue_body(request=False)]
 
     def _response_end(self) -> None:
+        self._response_ended = True
         found = self._reader.usage(complete=True) if self._reader is not None else None
         decision = self._decision
         if decision is not None and found is not None and self._observer is not None:
@@ -492,7 +498,7 @@ class _Stream:
 
     def close(self) -> None:
         """The stream ended (any way): settle what is still open. Idempotent."""
-        if not self._reported and self.phase is not Phase.HEADERS:
+        if self._headers:  # headers seen; no-op when routed or rejected (reported)
             self._report(self._body_mode(), "abandoned", 0)
         found = self._reader.usage(complete=False) if self._reader is not None else None
         self._finish(picking.Outcome(False, self._status, self._served, found))

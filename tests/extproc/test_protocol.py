@@ -557,6 +557,7 @@ async def test_sse_response_usage_duplex_echoes_every_chunk(start: Start) -> Non
     assert outcome == Outcome(
         response_complete=True, status=200, served="10.0.0.9:8000", usage=EXPECTED_USAGE
     )
+    await send(call, response_body(pieces[-1], end_of_stream=True))  # repeated final chunk: not echoed
     await close(call)
     assert len(h.picker.finished_calls) == 1
 
