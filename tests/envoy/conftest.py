@@ -38,6 +38,7 @@ CONFIGS = {
 }
 DESTINATION = "x-gateway-destination-endpoint"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 #: Largest streamed_response chunk, as the Inference Extension's endpoint picker sends.
 CHUNK = 62_000
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
@@ -89,6 +90,8 @@ class Seen:
     headers: dict[str, str]
     body_bytes: int = 0
     body_mode: int | None = None
+    #: The engine that answered (``upstream.address`` attribute of the response headers).
+    served: str | None = None
 
 
 @dataclass
@@ -162,6 +165,9 @@ class StubPicker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             elif kind == "request_trailers":
                 yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
             elif kind == "response_headers":
+                attributes = request.attributes.get(EXTPROC_FILTER)
+                if seen is not None and attributes is not None and "upstream.address" in attributes.fields:
+                    seen.served = attributes.fields["upstream.address"].string_value
                 yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
             elif kind == "response_body":
                 chunk = request.response_body

@@ -15,9 +15,7 @@ import pytest
 
 from inference_cache import envoy
 
-from .conftest import CONFIGS, DESTINATION
-
-EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+from .conftest import CONFIGS, DESTINATION, EXTPROC_FILTER
 
 
 def _hcm(config: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +152,8 @@ def test_settings_every_config_relies_on(name: str) -> None:
         "receiving_namespaces": {"untyped": ["envoy.lb"]},
     }
     assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_proc"
+    assert ext_proc["response_attributes"] == ["upstream.address"]
+    assert ext_proc["processing_mode"]["response_header_mode"] == "SEND"
     assert config["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 16 * 1024 * 1024
     cluster = _cluster(config, "ext_proc")
     assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])

@@ -5,7 +5,8 @@ unless told otherwise) and two echo engines (``conftest.py``). We test: the chos
 answers (POST and bodiless GET); a client-sent destination header neither reaches the
 picker nor chooses; 1 MB bodies pass in both body modes; the fail-open config keeps
 serving, by round robin over its members only, when the picker is down or names a
-non-member; the fail-closed configs refuse when it is down; the process is stopped.
+non-member, and retries a dead chosen engine on the others; the fail-closed configs refuse
+when the picker is down; the process is stopped.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ async def test_request_lands_on_the_chosen_engine(
         status, body = await post(proxy.url, b'{"model": "m", "prompt": "hello"}')
         assert status == 200, body
         assert answer(body) == {"engine": "engine-2", "body_bytes": 33, "destination": engines[1].address}
-    assert [(s.headers[":path"], s.body_bytes) for s in picker.seen] == [("/v1/completions", 33)] * 3
+    assert [(s.headers[":path"], s.body_bytes, s.served) for s in picker.seen] == [
+        ("/v1/completions", 33, engines[1].address)
+    ] * 3
     assert engines[0].requests == 0
 
 
@@ -129,6 +132,19 @@ async def test_override_host_never_leaves_the_cluster(
             assert status == 200, body
             answered.add(answer(body)["engine"])
     assert answered == {"engine-1", "engine-2"}  # round robin fallback, the outsider never tried
+
+
+async def test_override_host_retries_a_dead_engine_on_the_others(
+    engines: list[EchoEngine], picker: StubPicker, start_envoy: StartEnvoy
+) -> None:
+    with refusing_port() as dead:
+        picker.choose = dead
+        members = [dead, *(e.address for e in engines)]
+        proxy = await start_envoy("override-host", extproc=picker.address, engines=members)
+        for _ in range(3):
+            status, body = await post(proxy.url, b'{"model": "m"}')
+            assert status == 200, body
+    assert engines[0].requests + engines[1].requests == 3
 
 
 @pytest.mark.parametrize("name", ["buffered", "duplex"])
