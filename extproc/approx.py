@@ -19,7 +19,9 @@ tokens / 16, Llama-3-8B on one H100) with the time it was recorded; a reverse ma
 replicas answers ``match``; evicting a key from a replica's LRU removes the replica from
 the reverse map. A decision's keys are recorded last-block first, so a prompt's first
 block is its most recent entry and evicted last, as an engine frees a sequence tail first.
-Entries older than ``ttl_s`` do not match and are dropped lazily by ``record``.
+Entries older than ``ttl_s`` do not match and are dropped lazily by ``record``. Keys are a
+chain and a prompt is recorded whole, so a replica's live keys are a union of prefixes and
+its leading run is found by binary search (O(candidates x log(blocks)) per match).
 
 Estimates: ``chars_per_token`` (4, as GIE) converts characters to tokens.
 Not thread-safe: the picker runs on one event loop.
@@ -27,6 +29,7 @@ Not thread-safe: the picker runs on one event loop.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -90,18 +93,22 @@ class ApproxIndex:
 
     def match(self, keys: Sequence[int], replicas: Iterable[str]) -> dict[str, int]:
         """Leading matched blocks per replica of ``replicas`` (only those with >= 1)."""
+        first = self._holders.get(keys[0]) if keys else None
+        if not first:
+            return {}
         cut = self._clock() - self.ttl_s
-        active = [r for r in replicas if r in self._lru]
         out: dict[str, int] = {}
-        for depth, key in enumerate(keys, 1):
-            holders = self._holders.get(key)
-            if not holders:
-                break
-            active = [r for r in active if r in holders and self._lru[r][key] > cut]
-            if not active:
-                break
-            for r in active:
-                out[r] = depth
+        for rid in replicas:
+            lru = self._lru.get(rid)
+            if rid not in first or lru is None:
+                continue
+
+            def missing(i: int, lru: OrderedDict[int, float] = lru) -> bool:
+                return lru.get(keys[i], cut) <= cut
+
+            blocks = bisect.bisect_left(range(len(keys)), True, key=missing)
+            if blocks:
+                out[rid] = blocks
         return out
 
     def record(self, replica_id: str, keys: Sequence[int]) -> None:

@@ -5,6 +5,8 @@ Time is a plain variable behind the injected clock; nothing else is faked.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from inference_cache.extproc.approx import ApproxIndex
@@ -122,3 +124,30 @@ def test_forget_removes_the_replica_everywhere(clock: Clock) -> None:
 def test_rejects_nonsense_settings(clock: Clock, kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="positive"):
         ApproxIndex(clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def test_binary_search_agrees_with_a_linear_walk(clock: Clock) -> None:
+    """Random prefix records, refreshes, expiry and a small LRU: every match equals the
+    leading run a block-by-block walk over the live entries finds."""
+    rng = random.Random(11)
+    idx = ApproxIndex(block_chars=4, capacity_blocks=30, ttl_s=3.0, clock=clock)
+    trunks = [bytes(rng.randrange(97, 100) for _ in range(4 * 12)) for _ in range(3)]
+    texts = [t[: 4 * n] + bytes(rng.randrange(97, 100) for _ in range(8)) for t in trunks for n in (3, 8, 12)]
+    chains = [idx.keys("m", None, t) for t in texts]
+
+    def walk(rid: str, keys: list[int]) -> int:
+        n = 0
+        for key in keys:
+            at = idx._lru.get(rid, {}).get(key)
+            if at is None or at <= clock.now - idx.ttl_s:
+                break
+            n += 1
+        return n
+
+    for _ in range(400):
+        clock.now += rng.random() * 0.3
+        chain = rng.choice(chains)
+        idx.record(rng.choice("abc"), chain[: rng.randrange(1, len(chain) + 1)])
+        query = rng.choice(chains)
+        expected = {rid: n for rid in "abc" if (n := walk(rid, query))}
+        assert idx.match(query, "abcd") == expected
