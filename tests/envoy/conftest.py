@@ -227,17 +227,13 @@ StartEnvoy = Callable[..., Awaitable[envoy.EnvoyProcess]]
 async def start_envoy() -> AsyncIterator[StartEnvoy]:
     """``await start_envoy(name, extproc=..., engines=...)``: the shipped config ``name``
     (a key of ``CONFIGS``) on loopback with ephemeral ports, running until the test ends.
-    ``engines`` are listed only in configs with an ``engines`` cluster."""
+    ``engines`` are listed in configs with an ``engines`` cluster, unused by the others."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(
             name: str, *, extproc: str | Sequence[str], engines: Sequence[str] = ()
         ) -> envoy.EnvoyProcess:
-            config = envoy.load_config(CONFIGS[name])
-            has_members = any(
-                c["name"] == envoy.ENGINE_CLUSTER for c in config["static_resources"]["clusters"]
-            )
-            rewritten = envoy.loopback(config, extproc=extproc, engines=engines if has_members else ())
+            rewritten = envoy.loopback(envoy.load_config(CONFIGS[name]), extproc=extproc, engines=engines)
             return await stack.enter_async_context(envoy.EnvoyProcess(rewritten))
 
         yield start
