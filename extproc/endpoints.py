@@ -5,7 +5,8 @@ Owner: ``inference_cache.extproc`` (the server's composition root starts one
 
     engine GET /health    --probe every health_interval_s--> EndpointWorker.ready
     engine ZMQ KV events  --kvevents.Subscriber/Mapper-->    Index.blocks_stored/removed/cleared
-    engine GET metrics_url --enginestats.StatsScraper-->     Index.set_stats
+    engine GET metrics_url --enginestats.StatsScraper-->     Index.set_stats (+ on_stats: the
+                                                             picker's engine load gauges)
 
 Readiness: a new endpoint counts as ready until a probe fails; it is ready again after the
 next ``200``. Nothing here makes the server unready: an engine that is down only loses its
@@ -71,6 +72,7 @@ class EndpointWorker:
         stats_interval_s: float = DEFAULT_STATS_INTERVAL_S,
         subscriber_settings: SubscriberSettings | None = None,
         on_ready_change: Callable[[str, bool], None] | None = None,
+        on_stats: Callable[[str, enginestats.EngineStats], None] | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.endpoint = endpoint
@@ -80,6 +82,7 @@ class EndpointWorker:
         self._health_interval_s = health_interval_s
         self._stats_interval_s = stats_interval_s
         self._on_ready_change = on_ready_change
+        self._on_stats = on_stats
         self._sleep = sleep
         self.ready = True
         self.subscriber = Subscriber(
@@ -131,6 +134,8 @@ class EndpointWorker:
             replica_id=self.replica_id,
             stats=result.stats,
         )
+        if self._on_stats is not None:
+            self._on_stats(self.replica_id, result)
         return True
 
     async def _every(self, interval_s: float, step: Callable[[], Awaitable[bool]]) -> None:

@@ -15,25 +15,31 @@ clients treat unknown codes as ``NO_HINT``. LookupRoute emits no logs.
 LookupRoute inputs, first match wins (the original's later dual-input path):
 
 1. ``prefix_hash`` / ``block_hashes`` / ``block_token_counts`` -> ``Index.lookup_route``
-   with the tenant's policy (strategy gates, floors, AFFINITY_HINT: the index's side);
-2. ``token_ids`` (at most ``MAX_LOOKUP_TOKENS``) -> our fingerprint chain
-   (``fingerprint.chain_keys(token_ids, model.block_size)``) looked up by
-   ``Index.lookup_tokens`` in the scope of the model's configured endpoints: tenant from the
-   config (the request's ``tenant_id`` is not used), ``hash_scheme`` ``vllm`` (empty means
-   ``vllm``; another scheme is ``NO_HINT``), adapter ``adapter_id``. An unconfigured model,
-   fewer tokens than one block, or fewer than the policy's ``minimumPrefixTokens`` is
-   ``NO_HINT``; a policy with ``requireChain`` answers ``POLICY_REQUIRES_CHAIN`` (no wire
-   chain was sent). The token ids are not echoed;
-3. ``prompt_text`` -> ``NO_HINT`` for now: server-side tokenization lands with a later issue.
+   with the tenant's policy (strategy gates, floors, AFFINITY_HINT, ``routingFloorScore``:
+   the index's side, unchanged from the original);
+2. ``token_ids`` (at most ``MAX_LOOKUP_TOKENS``), or
+3. ``prompt_text`` (at most 1 MiB; wrapped as one user message, rendered with the model's
+   chat template with ``add_generation_prompt`` and tokenized; the token ids are echoed in
+   the response so the caller can send exactly them to the engine)
+   -> the ext_proc picker's scorer (``EndpointPicker.rank``) over the model's READY
+   endpoints: ``replica_scores`` = the chosen replica first, then every other replica with
+   ``matched_tokens > 0`` in predicted-TTFT order; ``score = 1 / (1 + predicted_ttft_ms)``;
+   ``matched_tokens`` = the index's leading match (never zeroed by a floor). Reason
+   ``PREFIX_MATCH`` when the chosen replica's match >= the tenant's ``minimumMatchedTokens``
+   (and >= 1 token) and the prompt has at least ``minimumPrefixTokens``; else
+   ``LEAST_LOADED`` (old clients treat it as ``NO_HINT``). Scope: the model's endpoints'
+   tenant from the config (the request's ``tenant_id`` is not used), ``hash_scheme``
+   ``vllm`` (empty means ``vllm``; another is ``NO_HINT``), adapter ``adapter_id``. A policy
+   with ``requireChain`` answers ``POLICY_REQUIRES_CHAIN``. No ready endpoint, an unknown
+   model, or a model without a tokenizer (``prompt_text``) is ``NO_HINT``.
 
 Deadlines: the tenant policy's ``lookupTimeoutMs`` and the caller's gRPC deadline bound the
-call. The index lookup is CPU-bound and runs inline on the loop (it cannot be interrupted
-half-way), so the deadline is checked before it and after it: an answer that arrives late
-is ``TIMEOUT``, with no LFU credit. Only delivered answers credit hits. A hash-keyed
-``NO_HINT`` carries no scores (as the original); a token-keyed answer lists every replica
-with a matched block whatever its reason: the floors (``minimumMatchedTokens``,
-``routingFloorScore``) only choose ``PREFIX_MATCH`` vs ``NO_HINT``, and the
-distinguishing-power factor counts the model's configured endpoints as candidates.
+call (``prompt_text`` without either: 5 s, as the original). Tokenization runs in a worker
+thread and is abandoned at the deadline. The index lookup is CPU-bound and runs inline on
+the loop (it cannot be interrupted half-way), so the deadline is checked before it and
+after it: an answer that arrives late is ``TIMEOUT``, with no LFU credit. Only delivered
+hash-keyed answers credit hits. A hash-keyed ``NO_HINT`` carries no scores (as the
+original).
 
 StreamMetrics cadence: one snapshot of every (matching) sample immediately, then one every
 ``metrics_interval_s`` until the client cancels; all samples of one snapshot share one
@@ -58,23 +64,34 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from inference_cache.config import Config, ModelConfig
+from inference_cache import tokenizer as tokenizer_mod
+from inference_cache.config import Config
 from inference_cache.extproc import auth
 from inference_cache.extproc.metrics import ServerMetrics
-from inference_cache.index import fingerprint, store, types
+from inference_cache.extproc.picker import EndpointPicker
+from inference_cache.extproc.scoring import score_value
 from inference_cache.index import policy as policy_mod
+from inference_cache.index import store, types
 from inference_cache.proto import pb, pb_grpc
 
 #: The original's ``MaxLookupTokens``: longer ``token_ids`` lists get ``NO_HINT``.
 MAX_LOOKUP_TOKENS = 1 << 20
 
+#: The original's bound on ``prompt_text`` (larger -> ``NO_HINT``).
+MAX_PROMPT_TEXT_BYTES = 1 << 20
+#: The original's tokenization deadline for ``prompt_text`` when nothing else bounds it.
+PROMPT_TEXT_TIMEOUT_S = 5.0
+
 NO_HINT = "NO_HINT"
 TIMEOUT = "TIMEOUT"
+PREFIX_MATCH = "PREFIX_MATCH"
+#: Token-keyed answers whose chosen replica holds less than ``minimumMatchedTokens``.
+LEAST_LOADED = "LEAST_LOADED"
 
 
 #: Given the ``authorization`` metadata value (``None`` when absent), decide; the result
@@ -198,7 +215,9 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
         clock: Callable[[], float] = time.time,
         stream_queue_size: int = 1024,
         metrics_interval_s: float = 10.0,
+        picker: EndpointPicker | None = None,
     ) -> None:
+        self._picker = picker
         self._index = index
         self._policies = policies
         self._config = config
@@ -253,55 +272,37 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
     ) -> pb.LookupRouteResponse:
         await self._read_gate(context)
         start = self._monotonic()
-        reason, scores, measured = self._lookup(request, context.time_remaining(), start)
+        echo: list[int] = []
+        hash_keyed = bool(request.prefix_hash or request.block_hashes or request.block_token_counts)
+        scores: list[types.ReplicaScore] = []
+        if request.tenant_id == store.PROBE_TENANT:  # the functional self-test
+            reason, measured = NO_HINT, False
+        elif hash_keyed or not (request.token_ids or request.prompt_text):
+            reason, scores, measured = self._lookup(request, context.time_remaining(), start)
+        else:
+            reason, scores, measured, echo = await self._lookup_scored(
+                request, context.time_remaining(), start
+            )
         elapsed = self._monotonic() - start if measured else 0.0
         self._metrics.observe_lookup(request.model_id, reason, bool(scores), elapsed)
         return pb.LookupRouteResponse(
             replica_scores=[score_to_wire(s) for s in scores],
             reason_code=reason,
             lookup_latency_us=int(elapsed * 1e6),
+            token_ids=echo,
             adapter_id=request.adapter_id,
         )
 
     def _lookup(
         self, request: pb.LookupRouteRequest, remaining: float | None, start: float
     ) -> tuple[str, list[types.ReplicaScore], bool]:
-        """-> (reason code, scores, whether the index was consulted)."""
-        if request.tenant_id == store.PROBE_TENANT:  # the functional self-test
-            return NO_HINT, [], False
-        hash_keyed = bool(request.prefix_hash or request.block_hashes or request.block_token_counts)
-        token_keyed = not hash_keyed and bool(request.token_ids)
-        if not hash_keyed and not token_keyed and request.prompt_text:
-            # No tokenizer yet: a later issue brings server-side tokenization.
-            return NO_HINT, [], False
-        model = self._config.model(request.model_id)
-        tenant = self._config.tenant_of(model.name) if token_keyed and model else request.tenant_id
-        policy = self._policies.policy(tenant)
+        """Hash-keyed path -> (reason code, scores, whether the index was consulted)."""
+        policy = self._policies.policy(request.tenant_id)
         budget = policy.lookup_timeout_ms / 1000 if policy.lookup_timeout_ms > 0 else None
         deadline = min((b for b in (budget, remaining) if b is not None), default=None)
         if deadline is not None and deadline <= 0:
             return TIMEOUT, [], False
-        if not token_keyed:
-            result = self._index.lookup_route(_lookup_request(request), policy)
-        else:
-            if policy.strategy.require_chain:
-                return types.Strategy.POLICY_REQUIRES_CHAIN.value, [], False
-            keys = self._token_keys(request, model)
-            if not keys or model is None:
-                return NO_HINT, [], False
-            min_tokens = policy.minimum_prefix_tokens
-            if min_tokens > 0 and len(keys) * model.block_size < min_tokens:
-                return NO_HINT, [], False
-            scope = types.Scope(tenant, model.name, types.HASH_SCHEME_VLLM, request.adapter_id)
-            candidates = sum(1 for e in self._config.endpoints if e.model == model.name)
-            result = self._index.lookup_tokens(
-                scope, keys, policy, ttft_budget_ms=request.slo.ttft_ms, replica_count=candidates
-            )
-            if deadline is not None and self._monotonic() - start > deadline:
-                return TIMEOUT, [], True
-            # Token-keyed: floors only chose the reason; every matched replica is listed.
-            result.credit_hits()
-            return result.strategy.value, list(result.scores), True
+        result = self._index.lookup_route(_lookup_request(request), policy)
         if deadline is not None and self._monotonic() - start > deadline:
             return TIMEOUT, [], True
         if result.strategy is types.Strategy.NONE:
@@ -309,13 +310,70 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
         result.credit_hits()
         return result.strategy.value, list(result.scores), True
 
-    def _token_keys(self, request: pb.LookupRouteRequest, model: ModelConfig | None) -> list[bytes]:
-        """Our fingerprint chain of ``token_ids`` ([] when it cannot be looked up)."""
-        if model is None or len(request.token_ids) > MAX_LOOKUP_TOKENS:
-            return []
-        if (request.hash_scheme or types.HASH_SCHEME_VLLM) != types.HASH_SCHEME_VLLM:
-            return []
-        return fingerprint.chain_keys(request.token_ids, model.block_size)
+    async def _lookup_scored(
+        self, request: pb.LookupRouteRequest, remaining: float | None, start: float
+    ) -> tuple[str, list[types.ReplicaScore], bool, list[int]]:
+        """Token-keyed path (``token_ids`` or ``prompt_text``), scored like the ext_proc
+        picker -> (reason, scores, index consulted, token ids to echo)."""
+        if self._picker is None:
+            return NO_HINT, [], False, []
+        route = self._picker.routes.get(request.model_id)
+        if route is None or (request.hash_scheme or types.HASH_SCHEME_VLLM) != types.HASH_SCHEME_VLLM:
+            return NO_HINT, [], False, []
+        policy = self._policies.policy(route.tenant)
+        budget = policy.lookup_timeout_ms / 1000 if policy.lookup_timeout_ms > 0 else None
+        if budget is None and not request.token_ids:
+            budget = PROMPT_TEXT_TIMEOUT_S
+        deadline = min((b for b in (budget, remaining) if b is not None), default=None)
+        if deadline is not None and deadline <= 0:
+            return TIMEOUT, [], False, []
+        if policy.strategy.require_chain:
+            return types.Strategy.POLICY_REQUIRES_CHAIN.value, [], False, []
+        echo: list[int] = []
+        if request.token_ids:
+            if len(request.token_ids) > MAX_LOOKUP_TOKENS:
+                return NO_HINT, [], False, []
+            tokens: Sequence[int] = request.token_ids
+        else:
+            tok = route.tokenizer
+            if tok is None or len(request.prompt_text.encode()) > MAX_PROMPT_TEXT_BYTES:
+                return NO_HINT, [], False, []
+            left = None if deadline is None else deadline - (self._monotonic() - start)
+            try:
+                tokens = await asyncio.wait_for(
+                    asyncio.to_thread(tok.encode_chat, [{"role": "user", "content": request.prompt_text}]),
+                    timeout=left,
+                )
+            except TimeoutError:
+                return TIMEOUT, [], False, []
+            except tokenizer_mod.TemplateError:
+                return NO_HINT, [], False, []
+            echo = list(tokens)
+        candidates = self._picker.ready_endpoints(route)
+        if not candidates or not tokens:
+            return NO_HINT, [], False, echo
+        prompt = self._picker.precise_prompt(route, tokens)
+        ranked = self._picker.rank(
+            route, request.adapter_id, prompt, candidates, seed=bytes(prompt.keys[0]) if prompt.keys else b""
+        )
+        if deadline is not None and self._monotonic() - start > deadline:
+            return TIMEOUT, [], True, echo
+        chosen = ranked.order[0]
+        listed = [chosen] + [s for s in ranked.order[1:] if ranked.matched.get(s.replica_id, 0) > 0]
+        total = max(len(tokens), 1)
+        scores = [
+            types.ReplicaScore(
+                s.replica_id,
+                score_value(s.predicted_ttft_ms),
+                ranked.matched.get(s.replica_id, 0),
+                min(1.0, ranked.matched.get(s.replica_id, 0) / total),
+            )
+            for s in listed
+        ]
+        chosen_match = ranked.matched.get(chosen.replica_id, 0)
+        floor = max(policy.minimum_matched_tokens, 1)
+        prefix = chosen_match >= floor and len(tokens) >= policy.minimum_prefix_tokens
+        return (PREFIX_MATCH if prefix else LEAST_LOADED), scores, True, echo
 
     async def GetCacheState(
         self, request: pb.GetCacheStateRequest, context: grpc.aio.ServicerContext[Any, Any]

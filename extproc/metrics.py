@@ -35,6 +35,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from inference_cache.extproc.picking import Decision, Rejection, Usage
+
 LOOKUP_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -197,6 +199,7 @@ class ServerMetrics:
             ["replica_id"],
             registry=r,
         )
+        self.extproc = ExtProcMetrics(r)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(StateCollector(read_index, read_ingest))
@@ -204,3 +207,68 @@ class ServerMetrics:
     def observe_lookup(self, model: str, reason_code: str, hint_used: bool, seconds: float) -> None:
         self.lookup_calls.labels(model, reason_code, "true" if hint_used else "false").inc()
         self.lookup_latency.labels(model).observe(seconds)
+
+
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class ExtProcMetrics:
+    """The endpoint picker's series: ``protocol.ProtocolObserver`` and the picker's
+    observer in one (``docs/metrics.md``)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "inferencecache_extproc_requests",
+            "ext_proc streams by body mode and outcome (routed, an error kind, abandoned).",
+            ["mode", "outcome"],
+            registry=r,
+        )
+        self.decision_latency = Histogram(
+            "inferencecache_extproc_decision_seconds",
+            "Time from a complete request to its routing decision (parse, tokenize, match, score).",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "inferencecache_extproc_decisions",
+            "Routing decisions by model and how the prefix was matched "
+            "(precise, approximate, timeout = load only, none = no prompt).",
+            ["model", "match"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "inferencecache_extproc_tokens",
+            "Prompt and cached tokens of routed requests: predicted by us vs reported by the engine "
+            "(response usage; only requests with both).",
+            ["kind", "source"],
+            registry=r,
+        )
+        self.prediction_mismatch = Counter(
+            "inferencecache_extproc_prediction_mismatch",
+            "Routed requests whose reported usage differs from our prediction, by field.",
+            ["field"],
+            registry=r,
+        )
+
+    # -- protocol.ProtocolObserver ------------------------------------------------------------
+    def request(self, *, mode: str, outcome: str, status: int) -> None:
+        self.requests.labels(mode, outcome).inc()
+
+    def usage(self, predicted: Decision, usage: Usage) -> None:
+        pairs = (
+            ("prompt", predicted.predicted_prompt_tokens, usage.prompt_tokens),
+            ("cached", predicted.predicted_cached_tokens, usage.cached_tokens),
+        )
+        for kind, ours, theirs in pairs:
+            if ours is None or theirs is None:
+                continue
+            self.tokens.labels(kind, "predicted").inc(ours)
+            self.tokens.labels(kind, "reported").inc(theirs)
+            if ours != theirs:
+                self.prediction_mismatch.labels(kind).inc()
+
+    # -- picker observer ----------------------------------------------------------------------
+    def decided(self, decision: Decision | Rejection, seconds: float, model: str, match: str) -> None:
+        self.decision_latency.observe(seconds)
+        if isinstance(decision, Decision):
+            self.decisions.labels(model, match).inc()

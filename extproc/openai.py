@@ -75,9 +75,8 @@ class ParsedRequest:
     """What the picker needs from one OpenAI inference request.
 
     Completions carry exactly one of ``prompts`` (text) or ``token_ids`` (pre-tokenized);
-    a single prompt is a batch of one. Chat carries ``messages`` with list contents
-    flattened to one string (text parts joined by ``"\\n"``, other parts dropped), every
-    other message key (``tool_calls``, ``name``, ``tool_call_id``, ...) kept as sent.
+    a single prompt is a batch of one. Chat carries ``messages`` as sent (validated; content
+    parts kept: ``tokenizer.vllm_conversation`` turns them into what the template sees).
     """
 
     api: Api
@@ -389,15 +388,17 @@ def _message(message: object, param: str, budget: _TextBudget) -> Mapping[str, A
         budget.add(content, f"{param}.content")
         return message
     if isinstance(content, list):
-        return {**message, "content": _flatten(content, f"{param}.content", budget)}
+        _check_parts(content, f"{param}.content", budget)
+        return message
     if content is not None:
         raise _wrong_type(f"{param}.content", "a string or an array of content parts", content)
     return message
 
 
-def _flatten(parts: list[Any], param: str, budget: _TextBudget) -> str:
-    """Content parts -> the string a text-only chat template expects: text parts joined by
-    ``"\\n"``, other parts (images, audio, ...) dropped. A bare string part is text (vLLM)."""
+def _check_parts(parts: list[Any], param: str, budget: _TextBudget) -> None:
+    """Validate content parts and count their text (joined by ``"\\n"``, as vLLM flattens
+    them for a string-content template); a bare string part is text (vLLM). The parts are
+    kept as sent: ``tokenizer.vllm_conversation`` shapes them for the model's template."""
     texts: list[str] = []
     for j, part in enumerate(parts):
         where = f"{param}[{j}]"
@@ -418,9 +419,7 @@ def _flatten(parts: list[Any], param: str, budget: _TextBudget) -> str:
                 if not isinstance(text, str):
                     raise _wrong_type(f"{where}.text", "a string", text)
                 texts.append(text)
-    text = "\n".join(texts)
-    budget.add(text, param)
-    return text
+    budget.add("\n".join(texts), param)
 
 
 def _objects(items: list[Any], param: str) -> tuple[Mapping[str, Any], ...]:

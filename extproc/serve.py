@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -54,7 +55,9 @@ from grpc_reflection.v1alpha import reflection
 
 from inference_cache import __version__ as _version
 from inference_cache import config as config_mod
-from inference_cache.extproc import auth, endpoints, grpc_api, http, tls
+from inference_cache import enginestats
+from inference_cache import tokenizer as tokenizer_mod
+from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, tls
 from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
 from inference_cache.index import policy as policy_mod
 from inference_cache.index import snapshot, store
@@ -73,6 +76,8 @@ LOG_LEVELS = {
     "error": logging.ERROR,
 }
 LOG_FORMATS = ("json", "text")
+BODY_MODES = ("auto", "buffered", "full-duplex")
+ROUTING_MODES = ("cache-aware", "round-robin")
 
 
 # -- flags ---------------------------------------------------------------------------------
@@ -94,6 +99,12 @@ _FLAG_HELP: dict[str, str] = {
     "allowed_producer_sa": "require a bearer token of this ServiceAccount on the write RPCs "
     "(repeatable, or comma-separated)",
     "producer_audience": "TokenReview audience of producer tokens",
+    "extproc_bind_address": "Envoy ext_proc (endpoint picker) gRPC listen address",
+    "extproc_body_mode": "auto (Envoy's protocol_config, else buffered), buffered or full-duplex",
+    "routing": "cache-aware or round-robin (a baseline doing the same ext_proc work)",
+    "fallback_endpoints": "fallback endpoints listed after the primary in the destination",
+    "tenant_header": "trust the x-inference-cache-tenant request header for policy",
+    "debug_decision_header": "add x-inference-cache-decision to responses (reveals cache state)",
 }
 
 
@@ -133,6 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
         elif isinstance(default, tuple):
             parser.add_argument(flag, go_flag, action="append", default=None, metavar="SA", help=help_)
+        elif isinstance(default, int):
+            parser.add_argument(flag, go_flag, type=int, default=None, metavar="N", help=help_)
         else:
             parser.add_argument(flag, go_flag, default=None, metavar="VALUE", help=help_)
 
@@ -191,8 +204,15 @@ def validate_server(s: config_mod.ServerSettings) -> str | None:
             "--producer-audience must be non-empty and without leading/trailing whitespace "
             "when --allowed-producer-sa is set"
         )
+    if s.extproc_body_mode not in BODY_MODES:
+        return f'invalid --extproc-body-mode "{s.extproc_body_mode}": want {", ".join(BODY_MODES)}'
+    if s.routing not in ROUTING_MODES:
+        return f'invalid --routing "{s.routing}": want {" or ".join(ROUTING_MODES)}'
+    if s.fallback_endpoints < 0:
+        return f"invalid --fallback-endpoints {s.fallback_endpoints}: want >= 0"
     for flag, address in (
         ("--grpc-bind-address", s.grpc_bind_address),
+        ("--extproc-bind-address", s.extproc_bind_address),
         ("--http-bind-address", s.http_bind_address),
         ("--snapshot-bind-address", s.snapshot_bind_address),
         ("--producer-bind-address", s.producer_bind_address or ":0"),
@@ -318,6 +338,25 @@ class BoundAddresses:
     http: str
     snapshot: str
     producer: str | None
+    extproc: str
+
+
+def load_tokenizers(config: config_mod.Config) -> dict[str, tokenizer_mod.PromptTokenizer]:
+    """model name -> tokenizer, for models with ``tokenizer`` set; raises ``ConfigError``."""
+    out: dict[str, tokenizer_mod.PromptTokenizer] = {}
+    for i, m in enumerate(config.models):
+        if not m.tokenizer:
+            continue
+        try:
+            out[m.name] = tokenizer_mod.PromptTokenizer.load(
+                Path(m.tokenizer), Path(m.chat_template) if m.chat_template else None
+            )
+        except Exception as exc:  # OSError, ValueError, or tokenizers' plain Exception
+            raise config_mod.ConfigError(
+                f"models[{i}].tokenizer: cannot load {m.tokenizer!r}: {exc} (a local directory with "
+                "tokenizer.json and tokenizer_config.json, or a tokenizer.json file)"
+            ) from exc
+    return out
 
 
 class Server:
@@ -333,14 +372,32 @@ class Server:
         monotonic: Callable[[], float] = time.perf_counter,
         stream_metrics_interval_s: float = 10.0,
         stream_queue_size: int = 1024,
+        tokenizers: dict[str, tokenizer_mod.PromptTokenizer] | None = None,
     ) -> None:
         self.config = config
         s = config.server
         self.policies = policy_mod.PolicyStore()
         self.index = store.Index(index_settings, policies=self.policies, clock=clock)
         self.workers: list[endpoints.EndpointWorker] = []
+        self._ready: dict[str, bool] = {}
         self.metrics = ServerMetrics(
             read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
+        )
+        self.picker = picker.EndpointPicker(
+            config,
+            self.index,
+            self.policies,
+            settings=picker.PickerSettings(
+                routing=s.routing,
+                fallback_endpoints=s.fallback_endpoints,
+                tenant_header=s.tenant_header,
+                debug_header=s.debug_decision_header,
+                limits=config.limits,
+                scoring=config.scoring,
+            ),
+            tokenizers=tokenizers if tokenizers is not None else load_tokenizers(config),
+            is_ready=lambda rid: self._ready.get(rid, True),
+            observer=self.metrics.extproc,
         )
         self._reviewer = reviewer
         self._clock = clock
@@ -349,9 +406,11 @@ class Server:
         self._stream_queue_size = stream_queue_size
         #: Raises ``tls.TLSLoadError`` for an unloadable keypair (``run`` exits 1).
         self._credentials = tls.load_grpc_server_credentials(s.tls_cert_file, s.tls_key_file)
+        self._credentials_used = False
         self.metrics.grpc_tls_enabled.set(1 if self._credentials is not None else 0)
         self._grpc: grpc.aio.Server | None = None
         self._producer: grpc.aio.Server | None = None
+        self._extproc: grpc.aio.Server | None = None
         self._health: list[health.aio.HealthServicer] = []
         self._runners: list[web.AppRunner] = []
         self._session: aiohttp.ClientSession | None = None
@@ -393,6 +452,7 @@ class Server:
             monotonic=self._monotonic,
             stream_queue_size=self._stream_queue_size,
             metrics_interval_s=self._stream_metrics_interval_s,
+            picker=self.picker,
         )
 
     async def _grpc_server(
@@ -413,12 +473,55 @@ class Server:
             server,
         )
         target = grpc_address(address)
-        if self._credentials is not None:
-            port = server.add_secure_port(target, self._credentials)
-        else:
-            port = server.add_insecure_port(target)
+        creds = self._port_credentials()
+        port = server.add_secure_port(target, creds) if creds else server.add_insecure_port(target)
         await server.start()
         return server, port
+
+    def _port_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials for one more gRPC port: grpc refuses to share one dynamic
+        credentials object between ports, so each port gets its own (same files)."""
+        if self._credentials is None:
+            return None
+        if not self._credentials_used:
+            self._credentials_used = True
+            return self._credentials
+        s = self.config.server
+        return tls.load_grpc_server_credentials(s.tls_cert_file, s.tls_key_file)
+
+    async def _extproc_server(self, address: str) -> tuple[grpc.aio.Server, int]:
+        """The Envoy ext_proc listener: the endpoint picker + gRPC health (``""`` and the
+        ext_proc service name, which Envoy's ``grpc_health_check`` asks for)."""
+        s = self.config.server
+        server = grpc.aio.server()
+        service = protocol.ExtProcService(
+            self.picker,
+            protocol.ProtocolSettings(
+                body_mode=s.extproc_body_mode,
+                max_body_bytes=self.config.limits.max_body_bytes,
+                response_processing=True,
+                debug_header=s.debug_decision_header,
+            ),
+            observer=self.metrics.extproc,
+        )
+        protocol.add_to_server(service, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", protocol.SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health.append(health_servicer)
+        target = grpc_address(address)
+        creds = self._port_credentials()
+        port = server.add_secure_port(target, creds) if creds else server.add_insecure_port(target)
+        await server.start()
+        return server, port
+
+    def _on_ready_change(self, replica_id: str, ready: bool) -> None:
+        self._ready[replica_id] = ready
+        self.metrics.endpoint_ready.labels(replica_id).set(1 if ready else 0)
+
+    def _on_engine_stats(self, replica_id: str, stats: enginestats.EngineStats) -> None:
+        self.picker.observe_engine(replica_id, stats)
 
     async def _http_site(self, app: web.Application, address: str) -> str:
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
@@ -445,6 +548,7 @@ class Server:
                 self._service(reads=False, writes=True), s.producer_bind_address
             )
             producer = f"{config_mod.split_host_port(s.producer_bind_address)[0]}:{producer_port}"
+        self._extproc, extproc_port = await self._extproc_server(s.extproc_bind_address)
         public = http.build_public_app(is_ready=lambda: self.index.ready, registry=self.metrics.registry)
         controller = http.build_controller_app(
             snapshot_json=lambda: snapshot.encode_json(self.index.snapshot()),
@@ -464,7 +568,9 @@ class Server:
                 self.index,
                 self._session,
                 health_interval_s=self.config.health_interval_s,
-                on_ready_change=lambda rid, ok: self.metrics.endpoint_ready.labels(rid).set(1 if ok else 0),
+                stats_interval_s=self.config.stats_interval_s,
+                on_ready_change=self._on_ready_change,
+                on_stats=self._on_engine_stats,
             )
             self.metrics.endpoint_ready.labels(worker.replica_id).set(1)
             self.workers.append(worker)
@@ -475,6 +581,7 @@ class Server:
             http=http_addr,
             snapshot=snapshot_addr,
             producer=producer,
+            extproc=f"{config_mod.split_host_port(s.extproc_bind_address)[0]}:{extproc_port}",
         )
         self.metrics.up.set(1)
         return self.addresses
@@ -489,7 +596,7 @@ class Server:
         self.metrics.up.set(0)
         for h in self._health:
             await h.enter_graceful_shutdown()
-        for server in (self._grpc, self._producer):
+        for server in (self._extproc, self._grpc, self._producer):
             if server is not None:
                 await server.stop(grace)
         for runner in self._runners:
@@ -500,7 +607,7 @@ class Server:
         if self._session is not None:
             await self._session.close()
         self.index.stop()
-        self._grpc = self._producer = self._session = None
+        self._grpc = self._producer = self._extproc = self._session = None
         self._runners, self._tasks, self._health = [], [], []
         for r in results:
             if isinstance(r, Exception):
@@ -528,6 +635,7 @@ async def serve(server: Server) -> int:
                 "http_addr": addrs.http,
                 "snapshot_addr": addrs.snapshot,
                 "producer_addr": addrs.producer or "",
+                "extproc_addr": addrs.extproc,
                 "endpoints": len(config.endpoints),
             },
         )
@@ -560,6 +668,9 @@ def run(args: argparse.Namespace) -> int:
             return 1
     try:
         server = Server(cfg, reviewer=reviewer)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except tls.TLSLoadError as exc:
         log.error("grpc_tls_load_failed", extra={"error": str(exc)})
         return 1

@@ -46,6 +46,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from inference_cache.extproc.openai import Limits
+from inference_cache.extproc.scoring import ScoringSettings
+
 ENV_PREFIX = "INFERENCE_CACHE_"
 
 
@@ -81,6 +84,19 @@ class ServerSettings:
     allowed_producer_sa: tuple[str, ...] = ()
     #: TokenReview audience for producer tokens.
     producer_audience: str = "inferencecache.io/producer"
+    #: Envoy ext_proc listener (the endpoint picker; ``:port`` = all interfaces).
+    extproc_bind_address: str = ":9002"
+    #: ``auto`` (Envoy's ``protocol_config``, else buffered), ``buffered`` or ``full-duplex``.
+    extproc_body_mode: str = "auto"
+    #: ``cache-aware`` (predicted time to first token) or ``round-robin`` (a baseline with
+    #: the same ext_proc work, for comparisons).
+    routing: str = "cache-aware"
+    #: Ordered fallback endpoints after the primary in the destination (0 = primary only).
+    fallback_endpoints: int = 0
+    #: Trust the request header ``x-inference-cache-tenant`` for the tenant's policy.
+    tenant_header: bool = False
+    #: Add ``x-inference-cache-decision`` to responses (reveals cache state: debugging only).
+    debug_decision_header: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +145,12 @@ class Config:
     endpoints: tuple[EndpointConfig, ...] = ()
     #: Seconds between readiness probes of each endpoint.
     health_interval_s: float = 2.0
+    #: Seconds between scrapes of each endpoint's ``metrics_url`` (engine load gauges).
+    stats_interval_s: float = 10.0
+    #: Request size bounds and load shedding (``extproc.openai.Limits``).
+    limits: Limits = field(default_factory=Limits)
+    #: The predicted-TTFT cost model (``extproc.scoring.ScoringSettings``).
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -253,6 +275,11 @@ def _from_text(tp: Any, text: str, where: str) -> Any:
         raise ConfigError(f"{where}: expected a boolean (true/false), got {text!r}")
     if typing.get_origin(tp) is tuple:
         return tuple(s.strip() for s in text.split(",") if s.strip())
+    if tp is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
     return text
 
 
@@ -308,6 +335,8 @@ def validate(config: Config) -> None:
     """Cross-field checks; raise :class:`ConfigError` with a fix-it message."""
     if config.health_interval_s <= 0:
         raise ConfigError(f"health_interval_s: must be > 0 seconds, got {config.health_interval_s}")
+    if config.stats_interval_s <= 0:
+        raise ConfigError(f"stats_interval_s: must be > 0 seconds, got {config.stats_interval_s}")
     names: set[str] = set()
     for i, m in enumerate(config.models):
         where = f"models[{i}]"

@@ -253,6 +253,7 @@ async def start_cluster(settings: DemoSettings, stack: contextlib.AsyncExitStack
             grpc_bind_address="127.0.0.1:0",
             http_bind_address="127.0.0.1:0",
             snapshot_bind_address="127.0.0.1:0",
+            extproc_bind_address="127.0.0.1:0",
             insecure_disable_auth=True,
         ),
         models=(config_mod.ModelConfig(name=MODEL, block_size=settings.block_size),),

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from inference_cache.fakeengine.hashing import LoRA
 from inference_cache.fakeengine.publisher import ZmqPublisher
 from inference_cache.fakeengine.scheduler import Admission, Engine, RequestRejected
-from inference_cache.tokenizer import PromptTokenizer, TemplateError
+from inference_cache.tokenizer import PromptTokenizer, TemplateError, vllm_conversation
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def _chat_tokens(state: State, body: Mapping[str, Any]) -> list[int]:
         raise ApiError(400, "messages must be a list of objects")
     kwargs = body.get("chat_template_kwargs")
     try:
+        conversation = vllm_conversation(messages, state.tokenizer.content_format(tools=body.get("tools")))
         text = state.tokenizer.render_chat(
-            [_flatten_content(m) for m in messages],
+            conversation,
             add_generation_prompt=bool(body.get("add_generation_prompt", True)),
             continue_final_message=bool(body.get("continue_final_message", False)),
             tools=body.get("tools"),
@@ -149,17 +150,6 @@ def _chat_tokens(state: State, body: Mapping[str, Any]) -> list[int]:
     except TemplateError as e:
         raise ApiError(400, str(e)) from e
     return state.tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
-
-
-def _flatten_content(message: Mapping[str, Any]) -> dict[str, Any]:
-    """OpenAI content parts -> the string a text-only template expects."""
-    content = message.get("content")
-    if isinstance(content, list):
-        text = "\n".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-        return {**message, "content": text}
-    return dict(message)
 
 
 def _max_tokens(state: State, body: Mapping[str, Any], prompt_len: int) -> int:

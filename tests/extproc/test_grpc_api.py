@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import kmock
 import pytest
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -33,9 +34,11 @@ LOOPBACK = {
     "grpc_bind_address": "127.0.0.1:0",
     "http_bind_address": "127.0.0.1:0",
     "snapshot_bind_address": "127.0.0.1:0",
+    "extproc_bind_address": "127.0.0.1:0",
     "insecure_disable_auth": True,
 }
 MODEL = "m"
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
 
 
 def make_config(*, endpoints: tuple[config.EndpointConfig, ...] = (), **server: Any) -> config.Config:
@@ -160,14 +163,50 @@ async def test_chain_lookup_ranks_the_longest_leading_run_first(stub: pb_grpc.In
     assert [s.score for s in resp.replica_scores] == pytest.approx([128 * 2 / 3, 64 / 3], rel=1e-3)
 
 
-async def test_token_ids_are_fingerprinted_in_the_configured_scope(start_server: StartServer) -> None:
-    endpoint = config.EndpointConfig(
-        address="127.0.0.1:9", model=MODEL, tenant="team-a", kv_events="tcp://127.0.0.1:9"
+@pytest.fixture()
+async def healthy() -> AsyncIterator[Callable[[], Any]]:
+    """``await healthy()`` -> the ``127.0.0.1:port`` of a server answering ``GET /health``
+    200 (a ready engine endpoint for the server's probe)."""
+    runners: list[web.AppRunner] = []
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def start() -> str:
+        app = web.Application()
+        app.router.add_get("/health", ok)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+async def _token_server(
+    start_server: StartServer, healthy: Callable[[], Any], **model: Any
+) -> tuple[serve.Server, str, str]:
+    e1, e2 = await healthy(), await healthy()
+    endpoints = tuple(
+        config.EndpointConfig(address=e, model=MODEL, tenant="team-a", kv_events="tcp://127.0.0.1:9")
+        for e in (e1, e2)
     )
-    srv = await start_server(make_config(endpoints=(endpoint,)))
+    cfg = dataclasses.replace(
+        make_config(endpoints=endpoints), models=(config.ModelConfig(MODEL, block_size=16, **model),)
+    )
+    srv = await start_server(cfg)
+    return srv, e1, e2
+
+
+async def test_token_ids_are_scored_like_the_picker(start_server: StartServer, healthy: Any) -> None:
+    srv, e1, e2 = await _token_server(start_server, healthy)
     tokens = list(range(100, 164))
     keys = fingerprint.chain_keys(tokens, 16)
-    srv.index.blocks_stored(types.Scope("team-a", MODEL, "vllm"), R1, keys, [16, 32, 48, 64])
+    srv.index.blocks_stored(types.Scope("team-a", MODEL, "vllm"), e2, keys, [16, 32, 48, 64])
     async with grpc.aio.insecure_channel(srv.addresses.grpc) as ch:
         stub = pb_grpc.InferenceCacheStub(ch)
 
@@ -176,22 +215,51 @@ async def test_token_ids_are_fingerprinted_in_the_configured_scope(start_server:
             resp: pb.LookupRouteResponse = await stub.LookupRoute(pb.LookupRouteRequest(model_id=MODEL, **kw))
             return resp
 
-        # The request's tenant is not the scope: the model's endpoints' tenant is.
+        def listed(resp: pb.LookupRouteResponse) -> list[tuple[str, int]]:
+            return [(s.replica_id, s.matched_tokens) for s in resp.replica_scores]
+
+        # The request's tenant is not the scope: the model's endpoints' tenant is. The
+        # replica holding the prefix is chosen; a replica without a match is omitted.
         resp = await lookup(tenant_id="whoever")
-        assert resp.reason_code == "PREFIX_MATCH"
-        assert [(s.replica_id, s.matched_tokens) for s in resp.replica_scores] == [(R1, 64)]
+        assert (resp.reason_code, listed(resp)) == ("PREFIX_MATCH", [(e2, 64)])
+        assert 0 < resp.replica_scores[0].score < 1  # 1 / (1 + predicted TTFT ms)
         assert list(resp.token_ids) == []  # token ids are not echoed
         assert (await lookup(hash_scheme="vllm")).reason_code == "PREFIX_MATCH"
+        # No match anywhere: the least loaded replica is still named (matched 0).
         other_adapter = await lookup(adapter_id="sql-lora")
-        assert (other_adapter.reason_code, other_adapter.adapter_id) == ("NO_HINT", "sql-lora")
-        assert not other_adapter.replica_scores
+        assert (other_adapter.reason_code, other_adapter.adapter_id) == ("LEAST_LOADED", "sql-lora")
+        assert [m for _r, m in listed(other_adapter)] == [0]
         assert (await lookup(hash_scheme="sglang")).reason_code == "NO_HINT"
-        assert (await lookup(token_ids=tokens[:15])).reason_code == "NO_HINT"  # < one block
-        assert (await lookup(token_ids=list(range(200, 264)))).reason_code == "NO_HINT"
-        # Below minimumMatchedTokens (64): the reason is NO_HINT, the entry is still listed.
-        short = await lookup(token_ids=[*tokens[:32], 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
-        assert short.reason_code == "NO_HINT"
-        assert [(s.replica_id, s.matched_tokens) for s in short.replica_scores] == [(R1, 32)]
+        assert (await lookup(token_ids=tokens[:15])).reason_code == "LEAST_LOADED"  # < one block
+        # Below minimumMatchedTokens (64): the reason says so, the match is still reported.
+        short = await lookup(token_ids=[*tokens[:32], *([7] * 16)])
+        assert (short.reason_code, listed(short)) == ("LEAST_LOADED", [(e2, 32)])
+        # Another replica also matching is listed after the chosen one, in TTFT order.
+        srv.index.blocks_stored(types.Scope("team-a", MODEL, "vllm"), e1, keys[:1], [16])
+        both = await lookup()
+        assert listed(both) == [(e2, 64), (e1, 16)]
+        assert both.replica_scores[0].score > both.replica_scores[1].score
+        # An unready endpoint is never named.
+        srv._on_ready_change(e2, False)
+        assert listed(await lookup()) == [(e1, 16)]
+
+
+async def test_prompt_text_is_tokenized_with_the_chat_template_and_echoed(
+    start_server: StartServer, healthy: Any
+) -> None:
+    srv, e1, _e2 = await _token_server(start_server, healthy, tokenizer=str(TINY_TOKENIZER))
+    text = "hello world, " * 40
+    tokens = srv.picker.routes[MODEL].tokenizer.tokenizer.encode_chat([{"role": "user", "content": text}])
+    keys = fingerprint.chain_keys(tokens, 16)
+    srv.index.blocks_stored(
+        types.Scope("team-a", MODEL, "vllm"), e1, keys, [16 * (i + 1) for i in range(len(keys))]
+    )
+    async with grpc.aio.insecure_channel(srv.addresses.grpc) as ch:
+        stub = pb_grpc.InferenceCacheStub(ch)
+        resp = await stub.LookupRoute(pb.LookupRouteRequest(model_id=MODEL, prompt_text=text))
+    assert list(resp.token_ids) == tokens
+    assert resp.reason_code == "PREFIX_MATCH"
+    assert [(s.replica_id, s.matched_tokens) for s in resp.replica_scores] == [(e1, len(keys) * 16)]
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ LOOPBACK = config.ServerSettings(
     grpc_bind_address="127.0.0.1:0",
     http_bind_address="127.0.0.1:0",
     snapshot_bind_address="127.0.0.1:0",
+    extproc_bind_address="127.0.0.1:0",
     insecure_disable_auth=True,
 )
 SCOPE = types.Scope("t", "m", "vllm")

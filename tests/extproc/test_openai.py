@@ -214,10 +214,15 @@ def test_chat_message_keys_pass_through() -> None:
         pytest.param([{"type": "text", "text": "x", "cache_control": {}}], "x", id="extra-part-keys"),
     ],
 )
-def test_content_parts_are_flattened(content: list[Any], flat: str) -> None:
+def test_content_parts_are_kept_and_their_text_counted(content: list[Any], flat: str) -> None:
     message = {"role": "user", "content": content, "name": "n"}
     (got,) = parse(CHAT, chat(message)).messages
-    assert got == {"role": "user", "content": flat, "name": "n"}
+    assert got == message  # the tokenizer's vllm_conversation shapes parts for the template
+    exact = Limits(max_text_bytes=max(len(flat.encode()), 1))
+    assert parse(CHAT, chat(message), exact).messages == (message,)
+    if flat:
+        with pytest.raises(Rejection):
+            parse(CHAT, chat(message), Limits(max_text_bytes=len(flat.encode()) - 1))
 
 
 def test_unicode_text_survives_escaped_and_raw() -> None:
@@ -763,7 +768,9 @@ def test_approx_text_of_chat_is_compact_json_of_the_messages() -> None:
     req = parse(CHAT, chat({"role": "system", "content": "héllo"}, user([{"type": "text", "text": "q"}])))
     assert (
         openai.approx_text(req)
-        == '[{"role":"system","content":"héllo"},{"role":"user","content":"q"}]'.encode()
+        == (
+            '[{"role":"system","content":"héllo"},{"role":"user","content":[{"type":"text","text":"q"}]}]'
+        ).encode()
     )
 
 

@@ -34,6 +34,7 @@ LOOPBACK_FLAGS = [
     "--grpc-bind-address=127.0.0.1:0",
     "--http-bind-address=127.0.0.1:0",
     "--snapshot-bind-address=127.0.0.1:0",
+    "--extproc-bind-address=127.0.0.1:0",
 ]
 
 
@@ -297,6 +298,7 @@ async def test_server_marks_an_endpoint_without_engine_unready() -> None:
         grpc_bind_address="127.0.0.1:0",
         http_bind_address="127.0.0.1:0",
         snapshot_bind_address="127.0.0.1:0",
+        extproc_bind_address="127.0.0.1:0",
         insecure_disable_auth=True,
     )
     srv = serve.Server(config.Config(server=settings, models=(config.ModelConfig("m"),), endpoints=(ep,)))

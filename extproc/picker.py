@@ -1,0 +1,392 @@
+"""The endpoint picker: one request in, the engine replica that will serve it fastest out.
+
+Owner: ``inference_cache.extproc`` (built by ``serve``; called by ``protocol`` for Envoy and by
+``grpc_api`` for ``LookupRoute``). Data flow, one step per module::
+
+    PickRequest --openai.parse--> ParsedRequest (400/404/413 as Rejection)
+      --resolve model/LoRA--> Route (tenant, endpoints, block size, tokenizer)
+      --candidates--> ready endpoints of the model, filtered by the subset hint (503 if none)
+      --tokenizer--> token ids  (worker thread, bounded by the matching deadline)
+      --fingerprint.chain_keys--> block keys (salted by cache_salt)
+      --Index.longest_prefix + SpeculativeIndex.match--> matched tokens per replica
+      --InflightTracker.load + engine gauges--> scoring.Candidate views
+      --scoring.rank--> predicted TTFT order --> Decision (primary + fallbacks)
+
+Without a tokenizer for the model the match is approximate (``approx``: character chunks,
+learned from our own decisions) and reported as such. When matching overruns its deadline
+the request is routed on load alone (counted). ``finished`` closes the in-flight ticket and
+compares the engine's reported ``usage`` with the prediction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from inference_cache import config as config_mod
+from inference_cache import enginestats
+from inference_cache import tokenizer as tokenizer_mod
+from inference_cache.extproc import approx, inflight, openai, scoring, speculative
+from inference_cache.extproc.picking import (
+    Decision,
+    ErrorKind,
+    Outcome,
+    PickRequest,
+    Rejection,
+)
+from inference_cache.index import fingerprint, store, types
+from inference_cache.index import policy as policy_mod
+
+log = logging.getLogger(__name__)
+
+#: Request header naming the tenant whose policy applies (only with ``--tenant-header``).
+TENANT_HEADER = "x-inference-cache-tenant"
+#: Matching deadline when the tenant's policy sets no ``lookupTimeoutMs``.
+DEFAULT_MATCH_TIMEOUT_MS = 1000
+
+#: How a decision's match was obtained (the ``match`` label of the decision metrics).
+MATCH_PRECISE = "precise"
+MATCH_APPROX = "approximate"
+MATCH_NONE = "none"  # no prompt (bodiless, other paths)
+MATCH_TIMEOUT = "timeout"  # deadline overrun: load only
+MATCH_UNTOKENIZABLE = "untokenizable"  # the template or tokenizer refused it: load only
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A model as the picker routes it (built once from the config)."""
+
+    model: config_mod.ModelConfig
+    tenant: str
+    endpoints: tuple[str, ...]
+    #: Exact tokenization with a per-model prefix cache (``None``: approximate matching).
+    tokenizer: tokenizer_mod.CachedChatEncoder | None
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What the request asks the engine to prefill, keyed for matching."""
+
+    #: Token ids (precise) or ``None`` (approximate / no prompt).
+    tokens: tuple[int, ...] | None
+    #: Prompt length in tokens (estimated from characters when approximate).
+    total_tokens: int
+    #: Block keys: our fingerprint chain (precise).
+    keys: Sequence[bytes]
+    match: str
+    #: Approximate chunk keys (approximate matching only).
+    approx_keys: Sequence[int] = ()
+
+
+@dataclass(slots=True)
+class Ranked:
+    """The scorer's answer for one request."""
+
+    order: list[scoring.Scored]
+    #: Leading matched tokens per replica as the index knows them (before capping).
+    matched: dict[str, int]
+    prompt: Prompt
+
+
+@dataclass(slots=True)
+class _State:
+    ticket: inflight.Ticket
+    model: str
+    match: str
+    replica: str
+
+
+@dataclass(frozen=True, slots=True)
+class PickerSettings:
+    routing: str = "cache-aware"
+    fallback_endpoints: int = 0
+    tenant_header: bool = False
+    debug_header: bool = False
+    limits: openai.Limits = field(default_factory=openai.Limits)
+    scoring: scoring.ScoringSettings = field(default_factory=scoring.ScoringSettings)
+
+
+class EndpointPicker:
+    """Implements ``picking.Picker``; also the scorer behind token-keyed ``LookupRoute``."""
+
+    def __init__(
+        self,
+        config: config_mod.Config,
+        index: store.Index,
+        policies: policy_mod.PolicyStore,
+        *,
+        settings: PickerSettings | None = None,
+        tokenizers: Mapping[str, tokenizer_mod.PromptTokenizer] | None = None,
+        is_ready: Callable[[str], bool] = lambda _rid: True,
+        observer: PickObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or PickerSettings()
+        self._index = index
+        self._policies = policies
+        self._is_ready = is_ready
+        self._observer = observer
+        self._clock = clock
+        s = self.settings.scoring
+        self.inflight = inflight.InflightTracker(
+            linger_s=s.inflight_linger_s, clock=clock, prefill_tokens_per_s=s.prefill_tokens_per_s
+        )
+        self.speculative = speculative.SpeculativeIndex(ttl_s=s.speculative_ttl_s, clock=clock)
+        self.approx = approx.ApproxIndex(clock=clock)
+        self._rr = itertools.count()
+        tokenizers = tokenizers or {}
+        self.routes: dict[str, Route] = {}
+        #: LoRA adapter name -> (base model, adapter).
+        self._adapters: dict[str, tuple[str, str]] = {}
+        for m in config.models:
+            eps = tuple(e.address for e in config.endpoints if e.model == m.name)
+            tok = tokenizers.get(m.name)
+            encoder = tokenizer_mod.CachedChatEncoder(tok) if tok is not None else None
+            self.routes[m.name] = Route(m, config.tenant_of(m.name), eps, encoder)
+            for a in m.lora_adapters:
+                self._adapters[a.name] = (m.name, a.name)
+        self._all_endpoints = tuple(e.address for e in config.endpoints)
+
+    # -- the Picker protocol ---------------------------------------------------------------
+    async def pick(self, request: PickRequest) -> Decision | Rejection:
+        start = time.perf_counter()
+        decision: Decision | Rejection
+        try:
+            decision = await self._pick(request)
+        except Rejection as rejection:
+            decision = rejection
+        if self._observer is not None:
+            state = decision.state if isinstance(decision, Decision) else None
+            model, match = (state.model, state.match) if isinstance(state, _State) else ("", MATCH_NONE)
+            self._observer.decided(decision, time.perf_counter() - start, model, match)
+        return decision
+
+    def finished(self, decision: Decision, outcome: Outcome) -> None:
+        state = decision.state
+        if isinstance(state, _State):
+            self.inflight.end(state.ticket, linger=not outcome.response_complete)
+
+    # -- steps -------------------------------------------------------------------------------
+    async def _pick(self, request: PickRequest) -> Decision:
+        if openai.api_of(request.path) is None or (request.method == "GET" and not request.body):
+            return self._load_only(request)
+        parsed = openai.parse(request.path, request.body, self.settings.limits)
+        route, adapter = self.resolve(parsed.model)
+        candidates = self._candidates(route.endpoints, request.subset)
+        tenant = self._tenant(route, request.headers)
+        policy = self._policies.policy(tenant)
+        prompt = await self._prompt(route, parsed, adapter, policy)
+        seed = prompt.keys[0] if prompt.keys else bytes(8)
+        ranked = self.rank(route, adapter, prompt, candidates, seed=seed)
+        return self._decide(route, adapter, ranked)
+
+    def resolve(self, model: str) -> tuple[Route, str]:
+        """Model name (or LoRA adapter name) -> (route, adapter); 404 when unknown."""
+        route = self.routes.get(model)
+        if route is not None:
+            return route, ""
+        base = self._adapters.get(model)
+        if base is not None:
+            return self.routes[base[0]], base[1]
+        raise Rejection(ErrorKind.MODEL_NOT_FOUND, f"The model `{model}` does not exist.", "model")
+
+    def ready_endpoints(self, route: Route) -> list[str]:
+        return [e for e in route.endpoints if self._is_ready(e)]
+
+    def precise_prompt(self, route: Route, tokens: Sequence[int], salt: str | None = None) -> Prompt:
+        keys = fingerprint.chain_keys(tokens, route.model.block_size, salt=salt)
+        return Prompt(tuple(tokens), len(tokens), keys, MATCH_PRECISE)
+
+    def observe_engine(self, replica_id: str, stats: enginestats.EngineStats) -> None:
+        """The engine's own load gauges (``metrics_url`` scrape) correct our in-flight view."""
+        self.inflight.observe_engine(
+            replica_id,
+            running=stats.num_requests_running,
+            waiting=stats.num_requests_waiting,
+            kv_usage=stats.kv_cache_usage_perc,
+        )
+
+    def _candidates(self, endpoints: Sequence[str], subset: Sequence[str] | None) -> list[str]:
+        allowed = set(subset) if subset is not None else None
+        out = [e for e in endpoints if (allowed is None or e in allowed) and self._is_ready(e)]
+        if not out:
+            why = "no ready endpoint in the subset hint" if subset is not None else "no ready endpoint"
+            raise Rejection(ErrorKind.NO_ENDPOINT, f"{why} for this model")
+        return out
+
+    def _tenant(self, route: Route, headers: Mapping[str, str]) -> str:
+        if self.settings.tenant_header:
+            value = headers.get(TENANT_HEADER)
+            if value:
+                return value
+        return route.tenant
+
+    async def _prompt(
+        self,
+        route: Route,
+        parsed: openai.ParsedRequest,
+        adapter: str,
+        policy: policy_mod.NamespacePolicy,
+    ) -> Prompt:
+        bs = route.model.block_size
+        if route.tokenizer is None:
+            text = openai.approx_text(parsed)
+            akeys = self.approx.keys(route.model.name + "\0" + adapter, parsed.cache_salt, text)
+            total = max(1, int(len(text) / self.approx.chars_per_token))
+            return Prompt(None, total, (), MATCH_APPROX, akeys)
+        budget_ms = policy.lookup_timeout_ms if policy.lookup_timeout_ms > 0 else DEFAULT_MATCH_TIMEOUT_MS
+        tok = route.tokenizer
+        try:
+            tokens = await asyncio.wait_for(
+                asyncio.to_thread(tokenize, tok, parsed), timeout=budget_ms / 1000
+            )
+        except TimeoutError:
+            estimate = max(1, len(openai.approx_text(parsed)) // 4)
+            return Prompt(None, estimate, (), MATCH_TIMEOUT)
+        except (tokenizer_mod.TemplateError, Exception) as exc:
+            # The engine will refuse or handle it itself; we route on load alone.
+            log.debug("tokenize_failed", extra={"model": route.model.name, "error": str(exc)})
+            estimate = max(1, len(openai.approx_text(parsed)) // 4)
+            return Prompt(None, estimate, (), MATCH_UNTOKENIZABLE)
+        keys = fingerprint.chain_keys(tokens, bs, salt=parsed.cache_salt)
+        return Prompt(tuple(tokens), len(tokens), keys, MATCH_PRECISE)
+
+    def rank(
+        self, route: Route, adapter: str, prompt: Prompt, candidates: Sequence[str], *, seed: bytes = b""
+    ) -> Ranked:
+        """Score ``candidates`` for ``prompt``: predicted TTFT order (pure read of the index,
+        the speculative and approximate indexes and the in-flight load)."""
+        bs = route.model.block_size
+        matched: dict[str, int] = {}
+        if prompt.match == MATCH_PRECISE and prompt.keys:
+            scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
+            for m in self._index.longest_prefix(scope, prompt.keys):
+                matched[m.replica_id] = m.matched_tokens
+            for rid, n in self.speculative.match_tokens(scope, prompt.keys).items():
+                matched[rid] = max(matched.get(rid, 0), n)
+        elif prompt.match == MATCH_APPROX and prompt.approx_keys:
+            for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
+                matched[rid] = self.approx.tokens(blocks)
+        # An engine always recomputes the last prompt token: a full hit is one block short.
+        cap = ((prompt.total_tokens - 1) // bs) * bs if prompt.tokens is not None else prompt.total_tokens
+        views = []
+        for rid in candidates:
+            reqs, prefill = self.inflight.load(rid)
+            engine = self.inflight.engine(rid)
+            views.append(
+                scoring.Candidate(
+                    replica_id=rid,
+                    matched_tokens=min(matched.get(rid, 0), max(cap, 0)),
+                    inflight_requests=reqs,
+                    inflight_prefill_tokens=prefill,
+                    engine_running=engine.running if engine else None,
+                    engine_waiting=engine.waiting if engine else None,
+                    kv_usage=engine.kv_usage if engine else None,
+                )
+            )
+        order = scoring.rank(views, prompt.total_tokens, self.settings.scoring, seed=seed)
+        return Ranked(order, matched, prompt)
+
+    def _decide(self, route: Route, adapter: str, ranked: Ranked) -> Decision:
+        order = ranked.order
+        if self.settings.routing == "round-robin":
+            n = next(self._rr)
+            rotated = sorted(order, key=lambda s: s.replica_id)
+            k = n % len(rotated)
+            order = rotated[k:] + rotated[:k]
+        shed = self.settings.limits.shed_ttft_ms
+        if shed > 0 and all(s.predicted_ttft_ms > shed for s in order):
+            raise Rejection(
+                ErrorKind.SHED,
+                f"every replica is predicted over {shed:g} ms to first token; retry later",
+            )
+        chosen = order[0]
+        prompt = ranked.prompt
+        uncached = max(prompt.total_tokens - chosen.matched_tokens, 1)
+        ticket = self.inflight.begin(chosen.replica_id, uncached)
+        if prompt.match == MATCH_PRECISE and prompt.keys:
+            scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
+            self.speculative.record(scope, chosen.replica_id, prompt.keys, route.model.block_size)
+        elif prompt.match == MATCH_APPROX and prompt.approx_keys:
+            self.approx.record(chosen.replica_id, prompt.approx_keys)
+        endpoints = tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints])
+        debug = explain(route.model.name, prompt.match, order) if self.settings.debug_header else None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decision", extra={"decision": explain(route.model.name, prompt.match, order)})
+        return Decision(
+            endpoints=endpoints,
+            debug=debug,
+            predicted_prompt_tokens=prompt.total_tokens if prompt.tokens is not None else None,
+            predicted_cached_tokens=chosen.matched_tokens if prompt.tokens is not None else None,
+            state=_State(ticket, route.model.name, prompt.match, chosen.replica_id),
+        )
+
+    def _load_only(self, request: PickRequest) -> Decision:
+        """Bodiless requests and non-inference paths: the least loaded ready endpoint."""
+        candidates = self._candidates(self._all_endpoints, request.subset)
+        views = []
+        for rid in candidates:
+            reqs, prefill = self.inflight.load(rid)
+            engine = self.inflight.engine(rid)
+            views.append(
+                scoring.Candidate(
+                    rid,
+                    0,
+                    reqs,
+                    prefill,
+                    engine.running if engine else None,
+                    engine.waiting if engine else None,
+                    engine.kv_usage if engine else None,
+                )
+            )
+        order = scoring.rank(views, 1, self.settings.scoring, seed=request.path.encode())
+        return Decision(endpoints=tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints]))
+
+
+def tokenize(tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest) -> list[int]:
+    """Token ids exactly as the engine makes them (vLLM's OpenAI server rules)."""
+    if parsed.api == "chat":
+        fmt = tok.tokenizer.content_format(tools=parsed.tools)
+        return tok.encode_chat(
+            tokenizer_mod.vllm_conversation(parsed.messages, fmt),
+            add_generation_prompt=parsed.add_generation_prompt,
+            continue_final_message=parsed.continue_final_message,
+            tools=parsed.tools,
+            chat_template_kwargs=parsed.chat_template_kwargs,
+            add_special_tokens=parsed.add_special_tokens,
+        )
+    if parsed.token_ids:
+        return list(parsed.token_ids[0])
+    text = parsed.prompts[0] if parsed.prompts else ""
+    return tok.tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
+
+
+def explain(model: str, match: str, order: Sequence[scoring.Scored]) -> str:
+    """A compact JSON account of a decision (debug log, ``x-inference-cache-decision``)."""
+    return json.dumps(
+        {
+            "model": model,
+            "match": match,
+            "ranked": [
+                {
+                    "endpoint": s.replica_id,
+                    "matched_tokens": s.matched_tokens,
+                    "predicted_ttft_ms": round(s.predicted_ttft_ms, 3),
+                }
+                for s in order[:8]
+            ],
+        },
+        separators=(",", ":"),
+    )
+
+
+class PickObserver(Protocol):
+    """Metrics hook of the picker (``metrics.ExtProcMetrics``)."""
+
+    def decided(self, decision: Decision | Rejection, seconds: float, model: str, match: str) -> None: ...
