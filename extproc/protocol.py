@@ -173,6 +173,20 @@ def served_endpoint(metadata: Any) -> str | None:
     return str(value.string_value) or None
 
 
+#: Plain Envoy never fills ``-served``; with ``response_attributes: [upstream.address]`` the
+#: ext_proc filter reports the upstream it used on the response messages.
+EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+
+
+def upstream_address(attributes: Any) -> str | None:
+    """The ``upstream.address`` attribute of a response message, when Envoy sends it."""
+    struct = attributes.get(EXTPROC_FILTER) if attributes is not None else None
+    if struct is None or "upstream.address" not in struct.fields:
+        return None
+    value = struct.fields["upstream.address"]
+    return str(value.string_value) or None if value.WhichOneof("kind") == "string_value" else None
+
+
 def _status_code(headers: Mapping[str, str]) -> int | None:
     try:
         return int(headers.get(":status", ""))
@@ -360,7 +374,7 @@ class _Stream:
         if kind == "request_trailers":
             return await self._request_trailers()
         if kind in ("response_headers", "response_body", "response_trailers"):
-            served = served_endpoint(message.metadata_context)
+            served = served_endpoint(message.metadata_context) or upstream_address(message.attributes)
             self._served = served or self._served
         if kind == "response_headers":
             return self._response_headers(message.response_headers)

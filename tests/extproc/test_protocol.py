@@ -524,6 +524,20 @@ async def test_json_response_usage_reaches_finished(start: Start) -> None:
     assert len(h.picker.finished_calls) == 1
 
 
+async def test_served_endpoint_from_the_upstream_address_attribute(start: Start) -> None:
+    """Plain Envoy never fills ``-served``: ``response_attributes: [upstream.address]``
+    (our shipped configs) reports it on the response headers instead."""
+    h = await start(Decision(endpoints=(DEST,)))
+    call = await route(h, config(Mode.BUFFERED, Mode.NONE))
+    message = response_headers(eos=True)
+    message.attributes[protocol.EXTPROC_FILTER].update({"upstream.address": "10.0.0.9:8000"})
+    await send(call, message)
+    await read(call, 1)
+    _, outcome = await h.picker.wait_finished()
+    assert outcome.served == "10.0.0.9:8000"
+    await close(call)
+
+
 async def test_json_response_split_in_streamed_mode(start: Start) -> None:
     h = await start(response_processing=True)
     call = await route(h, config(Mode.BUFFERED, Mode.STREAMED))
