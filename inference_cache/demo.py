@@ -1,26 +1,29 @@
-"""``inference-cache demo``: fake engines + the server in one process; does the index know
-where each prefix lives?
+"""``inference-cache demo``: fake engines, the server and a real Envoy; the same workload
+routed by us (cache-aware) and round robin, side by side.
 
-Owner: the demo (``make demo``). Flow::
+Owner: the demo (``make demo``). Flow, once per routing mode::
 
-    demo_workload --first turns, random placement--> fake engines (HTTP)
-    fake engines  --KV events (ZMQ ipc://, replay)--> Server (in-process) --> Index
-    follow-up --render--> token ids --LookupRoute--> best replica --request--> that engine
+    demo_workload --chat (stream)--> Envoy (envoy-buffered.yaml) --ext_proc--> Server (in-process)
+        Server: tokenize (the engines' tokenizer) -> match the index -> predicted TTFT -> engine
+    Envoy --ORIGINAL_DST (x-gateway-destination-endpoint)--> that fake engine --SSE--> client
+    fake engines --KV events (ZMQ ipc://)--> Server --> Index;  /metrics --> Server (load)
 
-Before every lookup the demo waits (bounded) until the server has applied every batch each
-engine published, so the index is compared with the engines' state at the same instant.
-Ground truth per follow-up: for every engine, the leading run of the prompt's blocks its
-prefix cache holds (the engine's own block hashes against its cached set, capped as vLLM
-caps a hit: the last prompt token is always recomputed), and the ``cached_tokens`` the chosen
-engine then reports. A follow-up *agrees* when
+One Envoy serves both runs with an unchanged config: after the cache-aware run the server
+is stopped and a new one is started on the SAME ext_proc port in ``round-robin`` mode (the
+same parsing and tokenizing per request, only the choice differs). Before each run every
+engine's prefix cache is reset and the (fresh) server has applied that reset, so both runs
+start cold. Requests are sent one at a time, streamed; the client measures time to first
+token at the first content chunk, and reads ``usage`` (prompt and cached tokens) from the
+last chunk and the answering engine from its ``x-engine-address`` response header.
 
-* the index named a replica, that replica holds the longest run, its ``matched_tokens``
-  (capped like the engine's hit) equals the run, and the engine reports exactly that many
-  ``cached_tokens``; or
-* the index answered no hint and no replica stands out: the longest run is below the
-  policy's ``minimumMatchedTokens``, or every replica holds the same run.
+Ground truth per request: right before sending it, every engine's leading run of the
+prompt's blocks in its own prefix cache (the engine's block hashes against its cached set,
+capped as vLLM caps a hit: the last prompt token is always recomputed). A follow-up *landed*
+when the answering engine held the longest run (any engine, when no engine held a block)
+and reported exactly that many ``cached_tokens``.
 
-Exit status: 0 when every follow-up agrees, 1 on a disagreement or a failure, 130 on Ctrl-C.
+Exit status: 0 when the cache-aware run's hit ratio (cached / prompt tokens) beats round
+robin's and every cache-aware follow-up landed; 1 otherwise or on a failure; 130 on Ctrl-C.
 Everything started is stopped on every path (one ``AsyncExitStack``).
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import random
+import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -42,18 +47,22 @@ import aiohttp
 import grpc
 
 from inference_cache import config as config_mod
-from inference_cache import demo_workload
+from inference_cache import demo_workload, envoy
 from inference_cache.demo_workload import Message, Step, WorkloadSettings
 from inference_cache.extproc.serve import Server
 from inference_cache.fakeengine import main as fakeengine
 from inference_cache.fakeengine.scheduler import TimeModel
-from inference_cache.proto import pb, pb_grpc
+from inference_cache.proto import pb_grpc
 
 MODEL = "demo-model"
 QWEN_TOKENIZER = Path(".cache/tokenizers/qwen")
 TINY_TOKENIZER = Path("tests/data/tiny-tokenizer")
-#: Fast simulated engines: the demo measures placement, not latency.
-TIME_MODEL = TimeModel(prefill_tokens_per_second=1e7, decode_tokens_per_second=1e5)
+#: The shipped Envoy config the demo runs (relative to the repository).
+ENVOY_CONFIG = Path("examples/envoy/envoy-buffered.yaml")
+#: Prefill at the scorer's default rate (``scoring.prefill_tokens_per_s``), so an uncached
+#: 400-token prompt takes 40 ms to its first token; decode fast enough to keep the demo short.
+TIME_MODEL = TimeModel(prefill_tokens_per_second=10_000, decode_tokens_per_second=1_000)
+MODES = ("cache-aware", "round-robin")
 
 
 class DemoError(Exception):
@@ -71,71 +80,114 @@ class DemoSettings:
     tenant: str = "demo"
     """The engines' tenant: its policy (``server.policies``) governs the lookups."""
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
-    #: Bound on each wait for the index to catch up with the engines.
+    envoy: str | None = None
+    """The Envoy binary (``None``: :func:`inference_cache.envoy.find_envoy`)."""
+    envoy_config: Path = ENVOY_CONFIG
+    #: Bound on each wait for the index, an engine or Envoy.
     sync_timeout_s: float = 10.0
+    #: Seconds between the server's scrapes of each engine's ``/metrics``.
+    stats_interval_s: float = 1.0
+
+
+# -- results ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Row:
-    """One request of the run."""
+    """One request of one run."""
 
     label: str
+    follow_up: bool
     prompt_tokens: int
-    routed: bool
-    """False for phase-1 requests (placed without the index)."""
     held: Mapping[str, int]
-    """Engine -> tokens of the prompt's leading run in its prefix cache (capped)."""
+    """Engine -> tokens of the prompt's leading run in its prefix cache (capped), just before
+    the request was sent."""
     sent_to: str
+    """The engine that answered (``x-engine-address``)."""
     cached_tokens: int
-    reason: str = ""
-    chosen: str | None = None
-    matched_tokens: int = 0
-    floor: int = 0
-    """The policy's ``minimumMatchedTokens`` (below it the index gives no hint)."""
-    cap: int = 0
-    """The most an engine can report cached: whole blocks, the last prompt token excluded."""
+    ttft_s: float
 
     @property
     def best(self) -> int:
         return max(self.held.values(), default=0)
 
     @property
-    def agrees(self) -> bool:
-        if self.cached_tokens != self.held[self.sent_to]:
-            return False  # the engine's own answer differs from its cache state: never expected
-        if self.chosen is not None:
-            holds_longest = self.held.get(self.chosen, -1) == self.best
-            return holds_longest and min(self.matched_tokens, self.cap) == self.best
-        return self.best < self.floor or len(set(self.held.values())) == 1
+    def holders(self) -> list[str]:
+        """The engines holding the longest run (none when nothing is cached anywhere)."""
+        return [n for n, t in self.held.items() if t == self.best] if self.best else []
+
+    @property
+    def landed(self) -> bool:
+        """Answered by an engine holding the longest run, which reported exactly that run."""
+        return self.held.get(self.sent_to, -1) == self.best and self.cached_tokens == self.best
 
 
 @dataclass
-class Report:
+class Run:
+    """One pass of the workload under one routing mode."""
+
+    routing: str
     engines: Sequence[str]
     rows: list[Row] = field(default_factory=list)
-    events: Mapping[str, int] = field(default_factory=dict)
 
     @property
-    def routed(self) -> list[Row]:
-        return [r for r in self.rows if r.routed]
+    def follow_ups(self) -> list[Row]:
+        return [r for r in self.rows if r.follow_up]
 
     @property
-    def agreement(self) -> float:
-        routed = self.routed
-        return sum(r.agrees for r in routed) / len(routed) if routed else 1.0
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.rows)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.rows)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def per_engine(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.engines, 0)
+        for r in self.rows:
+            counts[r.sent_to] = counts.get(r.sent_to, 0) + 1
+        return counts
+
+    def ttft_ms(self) -> tuple[float, float]:
+        """Client-measured time to first token, p50 and p90 (ms)."""
+        ttfts = [r.ttft_s for r in self.rows]
+        return 1e3 * percentile(ttfts, 50), 1e3 * percentile(ttfts, 90)
+
+    @property
+    def landed(self) -> int:
+        return sum(r.landed for r in self.follow_ups)
 
 
-def cached_ratio(rows: Sequence[Row]) -> float:
-    prompt = sum(r.prompt_tokens for r in rows)
-    return sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0
+def percentile(values: Sequence[float], p: int) -> float:
+    """The ``p``-th percentile (1..99), interpolated between closest ranks; 0 for no values."""
+    if len(values) < 2:
+        return values[0] if values else 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
 
 
-def random_ratio(rows: Sequence[Row]) -> float:
-    """The cached-token ratio uniformly random placement would have expected on ``rows``
-    (each engine's held run, averaged)."""
-    prompt = sum(r.prompt_tokens for r in rows)
-    expected = sum(sum(r.held.values()) / len(r.held) for r in rows if r.held)
-    return expected / prompt if prompt else 0.0
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reasons: tuple[str, ...]
+
+
+def verdict(aware: Run, baseline: Run) -> Verdict:
+    """Pass when routing by cache beats round robin on hit ratio and every cache-aware
+    follow-up landed on the engine holding its longest cached prefix."""
+    reasons = []
+    if not aware.hit_ratio > baseline.hit_ratio:
+        reasons.append(
+            f"the cache-aware hit ratio {100 * aware.hit_ratio:.1f}% does not beat round robin's "
+            f"{100 * baseline.hit_ratio:.1f}%"
+        )
+    missed = [r.label for r in aware.follow_ups if not r.landed]
+    if missed:
+        reasons.append(f"cache-aware follow-ups not on their prefix's engine: {', '.join(missed)}")
+    return Verdict(not reasons, tuple(reasons))
 
 
 # -- the cluster --------------------------------------------------------------------------------
@@ -143,6 +195,8 @@ def random_ratio(rows: Sequence[Row]) -> float:
 
 @dataclass
 class Cluster:
+    """The engines and one server subscribed to them."""
+
     engines: dict[str, fakeengine.Running]
     """Engine name (``e1``...) -> the running replica."""
     server: Server
@@ -186,6 +240,26 @@ class Cluster:
             with contextlib.suppress(DemoError):
                 await self.wait_ingested(0.2)
 
+    async def reset(self, timeout_s: float) -> None:
+        """Empty every engine's prefix cache (retried while an engine still holds blocks),
+        then wait until the server has applied every engine's reset."""
+        deadline = time.monotonic() + timeout_s
+        for name in self.engines:
+            while (status := await self._reset(name)) == 409:
+                if time.monotonic() > deadline:
+                    raise DemoError(f"{name} kept its KV blocks busy: /reset_prefix_cache answered 409")
+                await asyncio.sleep(0.01)
+            if status != 200:
+                raise DemoError(f"{name} /reset_prefix_cache: HTTP {status}")
+        await self.connect(max(deadline - time.monotonic(), 0.0))
+
+    async def _reset(self, name: str) -> int:
+        try:
+            async with self.session.post(self.engines[name].url + "/reset_prefix_cache") as response:
+                return response.status
+        except aiohttp.ClientError as e:
+            raise DemoError(f"{name} /reset_prefix_cache: {e}") from e
+
     async def post(self, name: str, path: str, body: Mapping[str, Any] | None) -> Any:
         url = self.engines[name].url + path
         try:
@@ -211,25 +285,15 @@ class Cluster:
             run += 1
         return run * self.block_size
 
-    async def lookup(self, token_ids: Sequence[int]) -> tuple[str, str | None, int]:
-        """-> (reason code, best replica's engine name or None, its matched tokens)."""
-        try:
-            response = await self.stub.LookupRoute(
-                pb.LookupRouteRequest(model_id=MODEL, token_ids=token_ids), timeout=5.0
-            )
-        except grpc.aio.AioRpcError as e:
-            raise DemoError(f"LookupRoute: {e.code().name}: {e.details()}") from e
-        if not response.replica_scores:
-            return response.reason_code, None, 0
-        best = response.replica_scores[0]
-        return response.reason_code, self.name_of(best.replica_id), best.matched_tokens
-
 
 def _published(running: fakeengine.Running) -> bool:
     return running.publisher is not None and running.publisher.next_seq > 0
 
 
-async def start_cluster(settings: DemoSettings, stack: contextlib.AsyncExitStack) -> Cluster:
+async def start_engines(
+    settings: DemoSettings, stack: contextlib.AsyncExitStack
+) -> dict[str, fakeengine.Running]:
+    """``settings.engines`` fake engines on 127.0.0.1 (ephemeral ports), KV events over ipc://."""
     ipc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ic-demo-"))
     engines: dict[str, fakeengine.Running] = {}
     for i in range(1, settings.engines + 1):
@@ -248,15 +312,32 @@ async def start_cluster(settings: DemoSettings, stack: contextlib.AsyncExitStack
         )
         stack.push_async_callback(running.close)
         engines[f"e{i}"] = running
+    return engines
+
+
+def server_config(
+    settings: DemoSettings,
+    engines: Mapping[str, fakeengine.Running],
+    *,
+    routing: str = "cache-aware",
+    extproc_port: int = 0,
+) -> config_mod.Config:
+    """The server's configuration: every engine (events, replay, ``/metrics``), the model
+    with the engines' tokenizer (precise matching), loopback listeners."""
     config = config_mod.Config(
         server=config_mod.ServerSettings(
             grpc_bind_address="127.0.0.1:0",
             http_bind_address="127.0.0.1:0",
             snapshot_bind_address="127.0.0.1:0",
-            extproc_bind_address="127.0.0.1:0",
+            extproc_bind_address=f"127.0.0.1:{extproc_port}",
             insecure_disable_auth=True,
+            routing=routing,
         ),
-        models=(config_mod.ModelConfig(name=MODEL, block_size=settings.block_size),),
+        models=(
+            config_mod.ModelConfig(
+                name=MODEL, block_size=settings.block_size, tokenizer=str(settings.tokenizer)
+            ),
+        ),
         endpoints=tuple(
             config_mod.EndpointConfig(
                 address=f"127.0.0.1:{r.port}",
@@ -264,18 +345,39 @@ async def start_cluster(settings: DemoSettings, stack: contextlib.AsyncExitStack
                 tenant=settings.tenant,
                 kv_events=r.config.kv_events_endpoint or "",
                 replay=r.config.replay_endpoint,
+                metrics_url=f"{r.url}/metrics",
             )
             for r in engines.values()
         ),
+        stats_interval_s=settings.stats_interval_s,
     )
     config_mod.validate(config)
-    server = Server(config)
+    return config
+
+
+async def attach_server(
+    settings: DemoSettings,
+    engines: dict[str, fakeengine.Running],
+    session: aiohttp.ClientSession,
+    stack: contextlib.AsyncExitStack,
+    *,
+    routing: str = "cache-aware",
+    extproc_port: int = 0,
+) -> Cluster:
+    """A server on ``engines`` (stopped by ``stack``)."""
+    server = Server(server_config(settings, engines, routing=routing, extproc_port=extproc_port))
     stack.push_async_callback(server.stop, 0.1)
     addresses = await server.start()
-    session = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)))
     channel = grpc.aio.insecure_channel(addresses.grpc)
     stack.push_async_callback(channel.close)
     return Cluster(engines, server, session, pb_grpc.InferenceCacheStub(channel), settings.block_size)
+
+
+async def start_cluster(settings: DemoSettings, stack: contextlib.AsyncExitStack) -> Cluster:
+    """Engines and a cache-aware server on them, no Envoy (the integration tests' cluster)."""
+    engines = await start_engines(settings, stack)
+    session = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)))
+    return await attach_server(settings, engines, session, stack)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -285,105 +387,213 @@ def _say(progress: TextIO, text: str) -> None:
     print(text, file=progress, flush=True)
 
 
-async def _request(
+@dataclass(frozen=True)
+class Answer:
+    engine_address: str
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    content: str
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, body: Mapping[str, Any]) -> Answer:
+    """POST a streamed chat completion; time to the first content chunk, usage from the last."""
+    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft: float | None = None
+    parts: list[str] = []
+    usage: Mapping[str, Any] | None = None
+    try:
+        async with session.post(url, json=payload) as response:
+            if response.status != 200:
+                raise DemoError(f"{url}: HTTP {response.status}: {(await response.text())[:500]}")
+            address = response.headers.get("x-engine-address", "")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                for choice in chunk.get("choices", ()):
+                    if content := choice.get("delta", {}).get("content"):
+                        ttft = time.perf_counter() - start if ttft is None else ttft
+                        parts.append(content)
+                usage = chunk.get("usage") or usage
+    except aiohttp.ClientError as e:
+        raise DemoError(f"{url}: {e}") from e
+    if usage is None or ttft is None:
+        raise DemoError(f"{url}: the stream ended without content or usage")
+    return Answer(
+        address, usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"], ttft, "".join(parts)
+    )
+
+
+async def wait_routable(session: aiohttp.ClientSession, url: str, timeout_s: float) -> None:
+    """Until a request through Envoy (``GET /v1/models``: the picker answers bodiless requests
+    on load alone, no cache is touched) reaches an engine."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        try:
+            async with session.get(f"{url}/v1/models") as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except aiohttp.ClientError as e:
+            last = str(e)
+        if time.monotonic() > deadline:
+            raise DemoError(f"Envoy at {url} did not route to an engine: {last}")
+        await asyncio.sleep(0.05)
+
+
+async def run_workload(
     cluster: Cluster,
     settings: DemoSettings,
-    step: Step,
-    history: dict[str, list[Message]],
-    rng: random.Random,
-    *,
-    routed: bool,
-) -> Row:
-    messages = [*history.get(step.conversation, []), *step.messages]
-    body: dict[str, Any] = {
-        "model": MODEL,
-        "messages": [{"role": role, "content": content} for role, content in messages],
-        "max_tokens": settings.max_tokens,
-    }
-    await cluster.wait_ingested(settings.sync_timeout_s)
-    rendered = await cluster.post(next(iter(cluster.engines)), "/v1/chat/completions/render", body)
-    token_ids: list[int] = rendered["token_ids"]
-    held = {name: cluster.held(name, token_ids) for name in cluster.engines}
-    reason, chosen, matched = ("", None, 0)
-    if routed:
-        reason, chosen, matched = await cluster.lookup(token_ids)
-    sent_to = chosen if chosen in cluster.engines else rng.choice(sorted(cluster.engines))
-    answer = await cluster.post(sent_to, "/v1/chat/completions", body)
-    usage = answer["usage"]
-    history[step.conversation] = [*messages, ("assistant", answer["choices"][0]["message"]["content"])]
-    return Row(
-        label=step.label,
-        prompt_tokens=usage["prompt_tokens"],
-        routed=routed,
-        held=held,
-        sent_to=sent_to,
-        cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
-        reason=reason,
-        chosen=chosen,
-        matched_tokens=matched,
-        floor=cluster.server.policies.policy(settings.tenant).minimum_matched_tokens,
-        cap=(len(token_ids) - 1) // settings.block_size * settings.block_size,
-    )
+    workload: demo_workload.Workload,
+    url: str,
+    routing: str,
+    progress: TextIO,
+) -> Run:
+    """Send the workload through Envoy (``url``), one streamed request at a time."""
+    run = Run(routing, list(cluster.engines))
+    names = {cluster.address(n): n for n in cluster.engines}
+    history: dict[str, list[Message]] = {}
+    render = next(iter(cluster.engines))
+    steps: list[tuple[Step, bool]] = [(s, False) for s in workload.first] + [
+        (s, True) for s in workload.follow_ups
+    ]
+    for i, (step, follow_up) in enumerate(steps, start=1):
+        messages = [*history.get(step.conversation, []), *step.messages]
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "messages": [{"role": role, "content": content} for role, content in messages],
+            "max_tokens": settings.max_tokens,
+        }
+        rendered = await cluster.post(render, "/v1/chat/completions/render", body)
+        held = {name: cluster.held(name, rendered["token_ids"]) for name in cluster.engines}
+        answer = await stream_chat(cluster.session, f"{url}/v1/chat/completions", body)
+        if answer.engine_address not in names:
+            raise DemoError(f"{step.label}: answered by {answer.engine_address!r}, not one of the engines")
+        history[step.conversation] = [*messages, ("assistant", answer.content)]
+        row = Row(
+            step.label,
+            follow_up,
+            answer.prompt_tokens,
+            held,
+            names[answer.engine_address],
+            answer.cached_tokens,
+            answer.ttft_s,
+        )
+        run.rows.append(row)
+        mark = ("  ok" if row.landed else "  MISSED") if follow_up and routing == MODES[0] else ""
+        _say(
+            progress,
+            f"  {routing} [{i:>3}/{len(steps)}] {row.label:<14} -> {row.sent_to} "
+            f"cached {row.cached_tokens:>5}/{row.prompt_tokens:<5} TTFT {1e3 * row.ttft_s:6.1f} ms{mark}",
+        )
+    return run
+
+
+@dataclass
+class Report:
+    engines: Sequence[str]
+    envoy: str
+    runs: list[Run] = field(default_factory=list)
 
 
 async def run_demo(settings: DemoSettings, progress: TextIO) -> Report:
     workload = demo_workload.generate(settings.workload)
-    rng = random.Random(settings.seed)
+    config = envoy.load_config(_locate(settings.envoy_config))
     async with contextlib.AsyncExitStack() as stack:
-        _say(
-            progress,
-            f"starting {settings.engines} fake engines (tokenizer {settings.tokenizer}) and the server",
+        _say(progress, f"starting {settings.engines} fake engines (tokenizer {settings.tokenizer})")
+        engines = await start_engines(settings, stack)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         )
-        cluster = await start_cluster(settings, stack)
-        await cluster.connect(settings.sync_timeout_s)
-        report = Report(engines=[f"{n}={cluster.address(n)}" for n in cluster.engines])
-        history: dict[str, list[Message]] = {}
-        phases = (
-            (workload.first, False, "phase 1: placed at random"),
-            (workload.follow_ups, True, "phase 2: routed by LookupRoute"),
-        )
-        for steps, routed, title in phases:
-            _say(progress, f"{title}: {len(steps)} requests")
-            for i, step in enumerate(steps, start=1):
-                row = await _request(cluster, settings, step, history, rng, routed=routed)
-                report.rows.append(row)
-                mark = "" if not routed else ("  ok" if row.agrees else "  DISAGREES")
-                _say(progress, f"  [{i:>3}/{len(steps)}] {row.label:<14} -> {row.sent_to}{mark}")
-        await cluster.wait_ingested(settings.sync_timeout_s)
-        events: dict[str, int] = {}
-        for w in cluster.server.workers:
-            for kind, n in w.counters.events.items():
-                events[kind] = events.get(kind, 0) + n
-        report.events = events
+        report = Report(engines=[f"{n}=127.0.0.1:{r.port}" for n, r in engines.items()], envoy="")
+        proxy: envoy.EnvoyProcess | None = None
+        extproc_port = 0
+        for routing in MODES:
+            async with contextlib.AsyncExitStack() as server_stack:
+                cluster = await attach_server(
+                    settings, engines, session, server_stack, routing=routing, extproc_port=extproc_port
+                )
+                assert cluster.server.addresses is not None
+                extproc = cluster.server.addresses.extproc
+                extproc_port = int(extproc.rpartition(":")[2])
+                _say(progress, f"server: routing {routing}, ext_proc on {extproc}")
+                if proxy is None:
+                    proxy = await stack.enter_async_context(
+                        envoy.EnvoyProcess(envoy.loopback(config, extproc=extproc), envoy=settings.envoy)
+                    )
+                    report.envoy = f"{proxy.url} ({settings.envoy_config.name}) -> ext_proc {extproc}"
+                    _say(progress, f"envoy: {report.envoy}")
+                await cluster.reset(settings.sync_timeout_s)
+                await wait_routable(session, proxy.url, settings.sync_timeout_s)
+                _say(
+                    progress,
+                    f"{routing}: {len(workload.first)} first turns, {len(workload.follow_ups)} follow-ups",
+                )
+                report.runs.append(
+                    await run_workload(cluster, settings, workload, proxy.url, routing, progress)
+                )
         _say(progress, "stopping")
     return report
 
 
+def _locate(path: Path) -> Path:
+    """A repository-relative path, from the repository or the working directory."""
+    if path.is_absolute():
+        return path
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / path).is_file():
+            return root / path
+    raise DemoError(f"{path}: not found (run the demo from the repository)")
+
+
 def format_report(report: Report) -> str:
-    lines = [f"engines: {', '.join(report.engines)}", ""]
-    head = (
-        f"{'request':<16}{'prompt':>7}  {'index says':<18}{'longest holder':<20}"
-        f"{'sent to':<9}{'cached':>7}  ok"
+    aware, baseline = report.runs
+    lines = [f"engines: {', '.join(report.engines)}", f"envoy:   {report.envoy}", ""]
+    head = f"{'follow-up':<15}{'prompt':>7}  " + "  ".join(
+        f"{run.routing + ': holder':<20}{'sent to':<8}{'cached':>6}{'TTFT ms':>9}" for run in report.runs
     )
     lines += [head, "-" * len(head)]
-    for r in report.routed:
-        index = f"{r.chosen} ({r.matched_tokens})" if r.chosen else r.reason or "NO_HINT"
-        holders = ",".join(n for n, t in r.held.items() if t == r.best) if r.best else "-"
+    for a, b in zip(aware.follow_ups, baseline.follow_ups, strict=True):
+        cells = []
+        for r in (a, b):
+            holder = f"{','.join(r.holders)} ({r.best})" if r.best else "-"
+            cells.append(f"{holder:<20}{r.sent_to:<8}{r.cached_tokens:>6}{1e3 * r.ttft_s:>9.1f}")
         lines.append(
-            f"{r.label:<16}{r.prompt_tokens:>7}  {index:<18}{f'{holders} ({r.best})':<20}"
-            f"{r.sent_to:<9}{r.cached_tokens:>7}  {'yes' if r.agrees else 'NO'}"
+            f"{a.label:<15}{a.prompt_tokens:>7}  " + "  ".join(cells) + ("" if a.landed else "  MISSED")
         )
-    routed, first = report.routed, [r for r in report.rows if not r.routed]
-    agree = sum(r.agrees for r in routed)
-    lines += [
-        "",
-        f"agreement: {agree}/{len(routed)} follow-ups ({100 * report.agreement:.1f}%)",
-        f"cached-token ratio: {100 * cached_ratio(report.rows):.1f}% overall",
-        f"  routed follow-ups: {100 * cached_ratio(routed):.1f}% "
-        f"(random placement would expect {100 * random_ratio(routed):.1f}%)",
-        f"  first turns, placed at random: {100 * cached_ratio(first):.1f}%",
-        "KV events ingested: " + ", ".join(f"{k} {n}" for k, n in sorted(report.events.items())),
+    lines.append("")
+    width = 22
+    rows = [
+        ("", [run.routing for run in report.runs]),
+        (
+            "requests per engine",
+            [" ".join(f"{n}:{c}" for n, c in run.per_engine().items()) for run in report.runs],
+        ),
+        ("prompt tokens", [f"{run.prompt_tokens:,}" for run in report.runs]),
+        ("cached tokens", [f"{run.cached_tokens:,}" for run in report.runs]),
+        ("hit ratio", [f"{100 * run.hit_ratio:.1f}%" for run in report.runs]),
+        ("TTFT p50 / p90", ["{:.1f} / {:.1f} ms".format(*run.ttft_ms()) for run in report.runs]),
+        (
+            "follow-ups on holder",
+            [f"{run.landed}/{len(run.follow_ups)}" for run in report.runs],
+        ),
     ]
+    col = max(len(v) for _, values in rows for v in values) + 2
+    lines += [f"{label:<{width}}" + "".join(f"{v:<{col}}" for v in values).rstrip() for label, values in rows]
+    result = verdict(aware, baseline)
+    lines.append("")
+    if result.ok:
+        lines.append(
+            f"PASS: cache-aware hit ratio {100 * aware.hit_ratio:.1f}% > round robin "
+            f"{100 * baseline.hit_ratio:.1f}%; every cache-aware follow-up "
+            f"({aware.landed}/{len(aware.follow_ups)}) landed on the engine holding its prefix"
+        )
+    else:
+        lines += [f"FAIL: {reason}" for reason in result.reasons]
     return "\n".join(lines)
 
 
@@ -408,14 +618,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-gpu-blocks",
         type=int,
-        help="KV blocks per engine, small enough to evict (default: 96 with the Qwen tokenizer, "
-        "320 with any other: the tiny test tokenizer makes ~3x more tokens of the same text)",
+        help="KV blocks per engine (default: 96 with the Qwen tokenizer, 320 with any other: "
+        "the tiny test tokenizer makes ~3x more tokens of the same text)",
     )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--conversations", type=int, default=12, help="multi-turn chats")
     p.add_argument("--turns", type=int, default=4, help="turns per chat")
     p.add_argument("--rag-requests", type=int, default=12, help="requests sharing retrieved documents")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--envoy",
+        metavar="PATH",
+        help="Envoy binary (default: $INFERENCE_CACHE_ENVOY, "
+        f"{envoy.ENVOY_RELPATH} from 'make envoy', else envoy on PATH)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
@@ -428,6 +644,12 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         raise DemoError(f"{tokenizer}: no tokenizer.json there")
     if args.engines < 1 or args.conversations < 0 or args.turns < 1 or args.rag_requests < 0:
         raise DemoError("--engines and --turns must be >= 1; --conversations and --rag-requests >= 0")
+    try:
+        binary = args.envoy or envoy.find_envoy()
+    except envoy.EnvoyError as e:
+        raise DemoError(str(e)) from e
+    if not os.access(binary, os.X_OK):
+        raise DemoError(f"--envoy {binary}: not an executable; run 'make envoy'")
     return DemoSettings(
         tokenizer=tokenizer,
         engines=args.engines,
@@ -437,12 +659,13 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         workload=WorkloadSettings(
             seed=args.seed, conversations=args.conversations, turns=args.turns, rag_requests=args.rag_requests
         ),
+        envoy=binary,
     )
 
 
 async def main(args: argparse.Namespace, out: TextIO, progress: TextIO) -> int:
-    """The whole subcommand on a running loop (tests await it): 0, or 1 on a failure or a
-    disagreement."""
+    """The whole subcommand on a running loop (tests await it): 0 when cache-aware routing
+    passed (see :func:`verdict`), 1 otherwise or on a failure."""
     try:
         settings = settings_from_args(args)
         if settings.tokenizer == TINY_TOKENIZER and args.tokenizer is None:
@@ -451,14 +674,11 @@ async def main(args: argparse.Namespace, out: TextIO, progress: TextIO) -> int:
                 f"note: {QWEN_TOKENIZER} not found ('make tokenizer'); using the tiny test tokenizer",
             )
         report = await run_demo(settings, progress)
-    except DemoError as e:
+    except (DemoError, envoy.EnvoyError) as e:
         _say(progress, f"demo failed: {e}")
         return 1
     print(format_report(report), file=out, flush=True)
-    if report.agreement < 1.0:
-        _say(progress, "the index disagreed with the engines (see the rows marked NO)")
-        return 1
-    return 0
+    return 0 if verdict(*report.runs).ok else 1
 
 
 def run(args: argparse.Namespace) -> int:
