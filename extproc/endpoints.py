@@ -42,7 +42,8 @@ PROBE_TIMEOUT_S = 1.0
 def kv_endpoint(
     endpoint: config_mod.EndpointConfig, model: config_mod.ModelConfig
 ) -> kv_config.EndpointConfig:
-    """Our config entry -> the KV-event subscriber's endpoint."""
+    """Our config entry (with ``kv_events``) -> the KV-event subscriber's endpoint."""
+    assert endpoint.kv_events is not None
     return kv_config.EndpointConfig(
         replica_id=endpoint.address,
         model=endpoint.model,
@@ -72,7 +73,7 @@ class EndpointWorker:
         stats_interval_s: float = DEFAULT_STATS_INTERVAL_S,
         subscriber_settings: SubscriberSettings | None = None,
         on_ready_change: Callable[[str, bool], None] | None = None,
-        on_stats: Callable[[str, enginestats.EngineStats], None] | None = None,
+        on_stats: Callable[[str, enginestats.EngineStats | None], None] | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.endpoint = endpoint
@@ -85,9 +86,13 @@ class EndpointWorker:
         self._on_stats = on_stats
         self._sleep = sleep
         self.ready = True
-        self.subscriber = Subscriber(
-            kv_endpoint(endpoint, model), index, settings=subscriber_settings, sleep=sleep
+        #: ``None`` for an endpoint without ``kv_events`` (its model is matched approximately).
+        self.subscriber = (
+            Subscriber(kv_endpoint(endpoint, model), index, settings=subscriber_settings, sleep=sleep)
+            if endpoint.kv_events
+            else None
         )
+        self._no_events = Counters()
         self._scraper = (
             enginestats.StatsScraper(
                 enginestats.ScrapeSettings(url=endpoint.metrics_url, model_name=model.name)
@@ -98,7 +103,7 @@ class EndpointWorker:
 
     @property
     def counters(self) -> Counters:
-        return self.subscriber.counters
+        return self.subscriber.counters if self.subscriber is not None else self._no_events
 
     @property
     def health_url(self) -> str:
@@ -127,6 +132,8 @@ class EndpointWorker:
             result = await self._scraper.scrape(self._session)
         except enginestats.ScrapeError as exc:
             log.debug("endpoint_scrape_failed", extra={"replica_id": self.replica_id, "error": str(exc)})
+            if self._on_stats is not None:
+                self._on_stats(self.replica_id, None)  # stale load gauges must not steer routing
             return False
         self._index.set_stats(
             tenant=self.endpoint.tenant,
@@ -147,6 +154,7 @@ class EndpointWorker:
         """Probe, subscribe and scrape until cancelled; the subscriber closes its sockets."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._every(self._health_interval_s, self.probe_once))
-            tg.create_task(self.subscriber.run())
+            if self.subscriber is not None:
+                tg.create_task(self.subscriber.run())
             if self._scraper is not None:
                 tg.create_task(self._every(self._stats_interval_s, self.scrape_once))

@@ -29,9 +29,10 @@ LookupRoute inputs, first match wins (the original's later dual-input path):
    (and >= 1 token) and the prompt has at least ``minimumPrefixTokens``; else
    ``LEAST_LOADED`` (old clients treat it as ``NO_HINT``). Scope: the model's endpoints'
    tenant from the config (the request's ``tenant_id`` is not used), ``hash_scheme``
-   ``vllm`` (empty means ``vllm``; another is ``NO_HINT``), adapter ``adapter_id``. A policy
-   with ``requireChain`` answers ``POLICY_REQUIRES_CHAIN``. No ready endpoint, an unknown
-   model, or a model without a tokenizer (``prompt_text``) is ``NO_HINT``.
+   ``vllm`` (empty means ``vllm``; another is ``NO_HINT``), adapter ``adapter_id``. The
+   policy's ``strategy.*``, ``routingFloorScore`` and ``affinityRouting`` apply to
+   hash-keyed lookups only. No ready endpoint, an unknown model, or a model without a
+   tokenizer (``prompt_text``) is ``NO_HINT``.
 
 Deadlines: the tenant policy's ``lookupTimeoutMs`` and the caller's gRPC deadline bound the
 call (``prompt_text`` without either: 5 s, as the original). Tokenization runs in a worker
@@ -327,8 +328,6 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
         deadline = min((b for b in (budget, remaining) if b is not None), default=None)
         if deadline is not None and deadline <= 0:
             return TIMEOUT, [], False, []
-        if policy.strategy.require_chain:
-            return types.Strategy.POLICY_REQUIRES_CHAIN.value, [], False, []
         echo: list[int] = []
         if request.token_ids:
             if len(request.token_ids) > MAX_LOOKUP_TOKENS:
@@ -353,9 +352,7 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
         if not candidates or not tokens:
             return NO_HINT, [], False, echo
         prompt = self._picker.precise_prompt(route, tokens)
-        ranked = self._picker.rank(
-            route, request.adapter_id, prompt, candidates, seed=bytes(prompt.keys[0]) if prompt.keys else b""
-        )
+        ranked = self._picker.rank(route, request.adapter_id, prompt, candidates)
         if deadline is not None and self._monotonic() - start > deadline:
             return TIMEOUT, [], True, echo
         chosen = ranked.order[0]

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import xxhash
+
 from inference_cache import config as config_mod
 from inference_cache import enginestats
 from inference_cache import tokenizer as tokenizer_mod
@@ -67,6 +69,12 @@ class Route:
     endpoints: tuple[str, ...]
     #: Exact tokenization with a per-model prefix cache (``None``: approximate matching).
     tokenizer: tokenizer_mod.CachedChatEncoder | None
+    #: Every endpoint of the model publishes KV events (else: approximate matching).
+    events: bool = True
+
+    @property
+    def precise(self) -> bool:
+        return self.tokenizer is not None and self.events
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,8 @@ class Prompt:
     match: str
     #: Approximate chunk keys (approximate matching only).
     approx_keys: Sequence[int] = ()
+    #: Per-prompt tie-break seed: equal prefixes break exact ties alike, others spread.
+    seed: bytes = bytes(8)
 
 
 @dataclass(slots=True)
@@ -89,7 +99,8 @@ class Ranked:
     """The scorer's answer for one request."""
 
     order: list[scoring.Scored]
-    #: Leading matched tokens per replica as the index knows them (before capping).
+    #: Leading matched tokens per replica as the KV index knows them (before capping; the
+    #: speculative and approximate matches only steer the scoring).
     matched: dict[str, int]
     prompt: Prompt
 
@@ -148,7 +159,8 @@ class EndpointPicker:
             eps = tuple(e.address for e in config.endpoints if e.model == m.name)
             tok = tokenizers.get(m.name)
             encoder = tokenizer_mod.CachedChatEncoder(tok) if tok is not None else None
-            self.routes[m.name] = Route(m, config.tenant_of(m.name), eps, encoder)
+            events = all(e.kv_events for e in config.endpoints if e.model == m.name)
+            self.routes[m.name] = Route(m, config.tenant_of(m.name), eps, encoder, events)
             for a in m.lora_adapters:
                 self._adapters[a.name] = (m.name, a.name)
         self._all_endpoints = tuple(e.address for e in config.endpoints)
@@ -182,8 +194,7 @@ class EndpointPicker:
         tenant = self._tenant(route, request.headers)
         policy = self._policies.policy(tenant)
         prompt = await self._prompt(route, parsed, adapter, policy)
-        seed = prompt.keys[0] if prompt.keys else bytes(8)
-        ranked = self.rank(route, adapter, prompt, candidates, seed=seed)
+        ranked = self.rank(route, adapter, prompt, candidates)
         return self._decide(route, adapter, ranked)
 
     def resolve(self, model: str) -> tuple[Route, str]:
@@ -201,16 +212,25 @@ class EndpointPicker:
 
     def precise_prompt(self, route: Route, tokens: Sequence[int], salt: str | None = None) -> Prompt:
         keys = fingerprint.chain_keys(tokens, route.model.block_size, salt=salt)
-        return Prompt(tuple(tokens), len(tokens), keys, MATCH_PRECISE)
+        seed = keys[0] if keys else text_seed(",".join(map(str, tokens)).encode())
+        return Prompt(tuple(tokens), len(tokens), keys, MATCH_PRECISE, seed=seed)
 
-    def observe_engine(self, replica_id: str, stats: enginestats.EngineStats) -> None:
-        """The engine's own load gauges (``metrics_url`` scrape) correct our in-flight view."""
+    def observe_engine(self, replica_id: str, stats: enginestats.EngineStats | None) -> None:
+        """The engine's own load gauges (``metrics_url`` scrape) correct our in-flight view;
+        ``None`` (a failed scrape) forgets the last gauges rather than trust stale ones."""
+        if stats is None:
+            self.inflight.observe_engine(replica_id, None, None)
+            return
         self.inflight.observe_engine(
             replica_id,
             running=stats.num_requests_running,
             waiting=stats.num_requests_waiting,
             kv_usage=stats.kv_cache_usage_perc,
         )
+
+    def sweep(self) -> None:
+        """Drop expired speculative entries (the server calls it with the index sweep)."""
+        self.speculative.sweep()
 
     def _candidates(self, endpoints: Sequence[str], subset: Sequence[str] | None) -> list[str]:
         allowed = set(subset) if subset is not None else None
@@ -234,12 +254,12 @@ class EndpointPicker:
         adapter: str,
         policy: policy_mod.NamespacePolicy,
     ) -> Prompt:
-        bs = route.model.block_size
-        if route.tokenizer is None:
+        if route.tokenizer is None or not route.events:
             text = openai.approx_text(parsed)
             akeys = self.approx.keys(route.model.name + "\0" + adapter, parsed.cache_salt, text)
             total = max(1, int(len(text) / self.approx.chars_per_token))
-            return Prompt(None, total, (), MATCH_APPROX, akeys)
+            seed = akeys[0].to_bytes(8, "big") if akeys else text_seed(text)
+            return Prompt(None, total, (), MATCH_APPROX, akeys, seed)
         budget_ms = policy.lookup_timeout_ms if policy.lookup_timeout_ms > 0 else DEFAULT_MATCH_TIMEOUT_MS
         tok = route.tokenizer
         try:
@@ -247,27 +267,26 @@ class EndpointPicker:
                 asyncio.to_thread(tokenize, tok, parsed), timeout=budget_ms / 1000
             )
         except TimeoutError:
-            estimate = max(1, len(openai.approx_text(parsed)) // 4)
-            return Prompt(None, estimate, (), MATCH_TIMEOUT)
-        except (tokenizer_mod.TemplateError, Exception) as exc:
+            text = openai.approx_text(parsed)
+            return Prompt(None, max(1, len(text) // 4), (), MATCH_TIMEOUT, seed=text_seed(text))
+        except Exception as exc:  # TemplateError, or tokenizers' plain Exception
             # The engine will refuse or handle it itself; we route on load alone.
             log.debug("tokenize_failed", extra={"model": route.model.name, "error": str(exc)})
-            estimate = max(1, len(openai.approx_text(parsed)) // 4)
-            return Prompt(None, estimate, (), MATCH_UNTOKENIZABLE)
-        keys = fingerprint.chain_keys(tokens, bs, salt=parsed.cache_salt)
-        return Prompt(tuple(tokens), len(tokens), keys, MATCH_PRECISE)
+            text = openai.approx_text(parsed)
+            return Prompt(None, max(1, len(text) // 4), (), MATCH_UNTOKENIZABLE, seed=text_seed(text))
+        return self.precise_prompt(route, tokens, parsed.cache_salt)
 
-    def rank(
-        self, route: Route, adapter: str, prompt: Prompt, candidates: Sequence[str], *, seed: bytes = b""
-    ) -> Ranked:
+    def rank(self, route: Route, adapter: str, prompt: Prompt, candidates: Sequence[str]) -> Ranked:
         """Score ``candidates`` for ``prompt``: predicted TTFT order (pure read of the index,
         the speculative and approximate indexes and the in-flight load)."""
         bs = route.model.block_size
+        indexed: dict[str, int] = {}
         matched: dict[str, int] = {}
         if prompt.match == MATCH_PRECISE and prompt.keys:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             for m in self._index.longest_prefix(scope, prompt.keys):
-                matched[m.replica_id] = m.matched_tokens
+                indexed[m.replica_id] = m.matched_tokens
+            matched.update(indexed)
             for rid, n in self.speculative.match_tokens(scope, prompt.keys).items():
                 matched[rid] = max(matched.get(rid, 0), n)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
@@ -290,8 +309,8 @@ class EndpointPicker:
                     kv_usage=engine.kv_usage if engine else None,
                 )
             )
-        order = scoring.rank(views, prompt.total_tokens, self.settings.scoring, seed=seed)
-        return Ranked(order, matched, prompt)
+        order = scoring.rank(views, prompt.total_tokens, self.settings.scoring, seed=prompt.seed)
+        return Ranked(order, indexed, prompt)
 
     def _decide(self, route: Route, adapter: str, ranked: Ranked) -> Decision:
         order = ranked.order
@@ -365,6 +384,11 @@ def tokenize(tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest)
         return list(parsed.token_ids[0])
     text = parsed.prompts[0] if parsed.prompts else ""
     return tok.tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
+
+
+def text_seed(text: bytes) -> bytes:
+    """A tie-break seed from a prompt's leading bytes (when it has no block key)."""
+    return xxhash.xxh64_digest(text[:4096])
 
 
 def explain(model: str, match: str, order: Sequence[scoring.Scored]) -> str:

@@ -87,6 +87,14 @@ class ScoringSettings:
     #: Seconds a decision's blocks count as cached on the chosen replica before its KV
     #: events confirm them (``speculative``). Default: llm-d's ``speculativeTTL`` (2 s).
     speculative_ttl_s: float = 2.0
+    #: Milliseconds of predicted TTFT we give up to keep a prefix where it is (or is being)
+    #: cached: among replicas predicted within this of the best (and within half the
+    #: prefill their longer match saves), the one with the longest match wins. Two
+    #: replicas computing one prefix waste KV memory and prefill; a burst of one new prefix
+    #: would otherwise split across replicas, because waiting behind the first request's
+    #: prefill costs what recomputing it elsewhere costs. Default: a few milliseconds,
+    #: small against any real queue (after the Inference Extension's ``maxTTFTPenaltyMs``).
+    affinity_tolerance_ms: float = 10.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -164,9 +172,24 @@ def tie_key(seed: bytes, replica_id: str) -> int:
 
 def rank(cands: Sequence[Candidate], prompt_tokens: int, s: ScoringSettings, *, seed: bytes) -> list[Scored]:
     """Every candidate's prediction, lowest predicted TTFT first; exact ties by
-    :func:`tie_key`, then replica id (a 64-bit hash collision)."""
+    :func:`tie_key`, then replica id (a 64-bit hash collision). Then prefix affinity: the
+    longest match predicted within ``affinity_tolerance_ms`` of the best goes first."""
     scored = [predict(c, prompt_tokens, s) for c in cands]
     scored.sort(key=lambda x: (x.predicted_ttft_ms, tie_key(seed, x.replica_id), x.replica_id))
+    if len(scored) > 1:
+        head = scored[0]
+
+        def allowed(x: Scored) -> float:
+            # Never more than half the prefill the longer match saves: a short shared
+            # prefix must not pull every request onto one replica.
+            gain_ms = 1000.0 * (x.matched_tokens - head.matched_tokens) / s.prefill_tokens_per_s
+            return min(s.affinity_tolerance_ms, gain_ms / 2)
+
+        near = [x for x in scored if x.predicted_ttft_ms - head.predicted_ttft_ms <= allowed(x)]
+        best = max(near, key=lambda x: x.matched_tokens)  # first of equals: keeps the order
+        if best is not head and best.matched_tokens > head.matched_tokens:
+            scored.remove(best)
+            scored.insert(0, best)
     return scored
 
 

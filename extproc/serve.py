@@ -520,7 +520,7 @@ class Server:
         self._ready[replica_id] = ready
         self.metrics.endpoint_ready.labels(replica_id).set(1 if ready else 0)
 
-    def _on_engine_stats(self, replica_id: str, stats: enginestats.EngineStats) -> None:
+    def _on_engine_stats(self, replica_id: str, stats: enginestats.EngineStats | None) -> None:
         self.picker.observe_engine(replica_id, stats)
 
     async def _http_site(self, app: web.Application, address: str) -> str:
@@ -590,6 +590,7 @@ class Server:
         while True:
             await asyncio.sleep(self.index.settings.sweep_interval_s)
             self.index.sweep()
+            self.picker.sweep()
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Graceful: health NOT_SERVING, gRPC drains ``grace`` s, HTTP closes, tasks end."""

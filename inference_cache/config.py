@@ -14,14 +14,15 @@ File layout (every key optional except where noted)::
     models:
       - name: demo-model        # required, unique
         block_size: 16          # tokens per KV block (the engine's --block-size)
-        tokenizer: /path/or/hub-id   # recorded only: tokenization lands with a later issue
-        chat_template: ...           # recorded only
+        tokenizer: /models/qwen      # local dir with tokenizer.json (+ tokenizer_config.json)
+        chat_template: null          # a .jinja file overriding the tokenizer config's template
         lora_adapters: [{name: sql-lora, id: 1}]
     endpoints:
       - address: 10.0.0.7:8000  # required: the replica id (what the gateway routes to)
         model: demo-model       # required: a models[].name
         tenant: ""              # all endpoints of one model share one tenant
-        kv_events: tcp://10.0.0.7:5557   # required: the engine's ZMQ PUB endpoint
+        kv_events: tcp://10.0.0.7:5557   # the engine's ZMQ PUB endpoint (null: no events;
+                                         # the model is then matched approximately)
         kv_events_bind: false   # bind instead of connect (the engine connects to us)
         replay: tcp://10.0.0.7:5558      # the engine's replay ROUTER endpoint
         topic: ""               # ZMQ subscription prefix ("" = every topic)
@@ -112,9 +113,10 @@ class ModelConfig:
     name: str
     #: Tokens per KV block; must equal the engine's ``--block-size``.
     block_size: int = 16
-    #: Recorded only (server-side tokenization lands with a later issue).
+    #: Local directory with ``tokenizer.json`` (+ ``tokenizer_config.json``), or the file:
+    #: precise matching tokenizes requests with it. ``None``: approximate matching.
     tokenizer: str | None = None
-    #: Recorded only.
+    #: A Jinja chat-template file overriding the tokenizer config's template.
     chat_template: str | None = None
     lora_adapters: tuple[LoraAdapter, ...] = ()
 
@@ -125,7 +127,7 @@ class EndpointConfig:
     address: str
     model: str
     #: ZMQ endpoint of the engine's KV-event publisher.
-    kv_events: str
+    kv_events: str | None = None
     tenant: str = ""
     kv_events_bind: bool = False
     replay: str | None = None
@@ -233,7 +235,10 @@ def _decode_dataclass(cls: type[T], value: Any, path: str) -> T:
             kwargs[name] = _decode(hints[name], value[name], _join(path, name))
         elif f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{_join(path, name)}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a settings class's own checks (e.g. ScoringSettings)
+        raise ConfigError(str(exc) if path and str(exc).startswith(path) else f"{where}: {exc}") from None
 
 
 def _join(path: str, key: str) -> str:
@@ -337,6 +342,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"health_interval_s: must be > 0 seconds, got {config.health_interval_s}")
     if config.stats_interval_s <= 0:
         raise ConfigError(f"stats_interval_s: must be > 0 seconds, got {config.stats_interval_s}")
+    for f in fields(config.limits):
+        value = getattr(config.limits, f.name)
+        if value < 0 or (value == 0 and f.name != "shed_ttft_ms"):
+            want = ">= 0 (0 = never shed)" if f.name == "shed_ttft_ms" else "> 0"
+            raise ConfigError(f"limits.{f.name}: must be {want}, got {value}")
     names: set[str] = set()
     for i, m in enumerate(config.models):
         where = f"models[{i}]"
@@ -391,7 +401,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{where}.engine: {e.engine!r} is not one of vllm, sglang")
         if e.data_parallel_size < 1:
             raise ConfigError(f"{where}.data_parallel_size: must be >= 1, got {e.data_parallel_size}")
-        if e.data_parallel_size > 1 and not e.kv_events.startswith("tcp://"):
+        if e.data_parallel_size > 1 and not (e.kv_events or "").startswith("tcp://"):
             raise ConfigError(
                 f"{where}.data_parallel_size: ranks publish on port + rank, so kv_events must be "
                 f"tcp://host:port, got {e.kv_events!r}"

@@ -40,7 +40,7 @@ BS = 16
 SYNC_S = 10.0
 DECISION_HEADER = "x-inference-cache-decision"
 SYSTEM = (
-    "You are a meticulous assistant for the {team} team. Follow the house style, cite the runbook "
+    "[{team}] You are a meticulous assistant for the {team} team. Follow the house style, cite the runbook "
     "section you rely on, and never invent numbers. Context for this conversation: {topic}. "
 )
 

@@ -84,8 +84,8 @@ def test_empty_document_is_the_default_config() -> None:
         ),
         pytest.param("- a", "the top level: expected a mapping, got a list", id="top-level-list"),
         pytest.param(
-            BASE.replace("    kv_events: tcp://10.0.0.1:5557\n", ""),
-            "endpoints[0].kv_events: required key is missing",
+            BASE.replace("    model: m\n", ""),
+            "endpoints[0].model: required key is missing",
             id="missing-required",
         ),
         pytest.param(
@@ -149,6 +149,16 @@ def test_empty_document_is_the_default_config() -> None:
             id="dp-needs-tcp",
         ),
         pytest.param("models: [", "not valid YAML", id="yaml-syntax"),
+        pytest.param("stats_interval_s: 0\n", "stats_interval_s: must be > 0 seconds", id="stats-interval"),
+        pytest.param("limits: {max_body_bytes: 0}", "limits.max_body_bytes: must be > 0", id="limits"),
+        pytest.param("limits: {shed_ttft_ms: -1}", "limits.shed_ttft_ms: must be >= 0", id="shed"),
+        pytest.param("limits: {max_bodyy: 1}", "limits.max_bodyy: unknown key", id="limits-key"),
+        pytest.param(
+            "scoring: {prefill_tokens_per_s: 0}", "scoring.prefill_tokens_per_s must be > 0", id="scoring"
+        ),
+        pytest.param(
+            "scoring: {waiting_request_ms: -5}", "scoring.waiting_request_ms", id="scoring-negative"
+        ),
     ],
 )
 def test_rejections_name_the_key_and_the_fix(doc: str, message: str) -> None:

@@ -11,9 +11,7 @@ off (``minimumMatchedTokens`` 0, ``routingFloorScore`` 0) so every holder is sco
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -129,19 +127,3 @@ async def test_reset_prefix_cache_reaches_the_index(cluster: demo.Cluster) -> No
     assert await check_on(c, "e1", follow_up) == (0, 0)
     matched, cached = await check_on(c, "e2", follow_up)
     assert cached == matched == full_blocks(len(a))
-
-
-async def test_demo_agrees_everywhere() -> None:
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            *("--tokenizer", str(TINY_TOKENIZER), "--engines", "3", "--seed", "3"),
-            *("--conversations", "4", "--turns", "3", "--rag-requests", "4", "--num-gpu-blocks", "200"),
-        ]
-    )
-    out, progress = io.StringIO(), io.StringIO()
-    assert await demo.main(args, out, progress) == 0, progress.getvalue()
-    report = out.getvalue()
-    assert "agreement: 10/10 follow-ups (100.0%)" in report, report
-    assert "BlockRemoved" in report  # the run evicted: agreement held through eviction

@@ -1,0 +1,331 @@
+"""The endpoint picker over a real index and the tiny tokenizer: what each request gets.
+
+No Envoy here (``tests/envoy/test_picker_e2e.py`` has that): ``PickRequest``s go straight
+to ``EndpointPicker.pick``; the index is fed through its KV-event sink with the keys an
+engine's events would produce (our fingerprint of the same token ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference_cache import config, tokenizer
+from inference_cache.extproc import openai, picker
+from inference_cache.extproc.picking import Decision, ErrorKind, Outcome, PickRequest, Rejection
+from inference_cache.extproc.scoring import ScoringSettings
+from inference_cache.index import fingerprint, policy, store, types
+
+TINY = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
+MODEL = "m"
+BS = 16
+A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
+CHAT = "/v1/chat/completions"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_picker(
+    *,
+    tokenizer_dir: Path | None = TINY,
+    events: bool = True,
+    ready: set[str] | None = None,
+    policies: list[policy.NamespacePolicy] | None = None,
+    **settings: Any,
+) -> tuple[picker.EndpointPicker, store.Index]:
+    cfg = config.Config(
+        models=(
+            config.ModelConfig(
+                MODEL,
+                block_size=BS,
+                tokenizer=str(tokenizer_dir) if tokenizer_dir else None,
+                lora_adapters=(config.LoraAdapter("sql-lora", 1),),
+            ),
+        ),
+        endpoints=tuple(
+            config.EndpointConfig(
+                address=a, model=MODEL, tenant="t", kv_events="tcp://127.0.0.1:1" if events else None
+            )
+            for a in (A, B, C)
+        ),
+    )
+    store_ = policy.PolicyStore()
+    store_.replace(policies or [])
+    index = store.Index(policies=store_)
+    toks = {MODEL: tokenizer.PromptTokenizer.load(tokenizer_dir)} if tokenizer_dir else {}
+    up = ready if ready is not None else {A, B, C}
+    p = picker.EndpointPicker(
+        cfg,
+        index,
+        store_,
+        settings=picker.PickerSettings(**settings),
+        tokenizers=toks,
+        is_ready=lambda rid: rid in up,
+        clock=Clock(),
+    )
+    return p, index
+
+
+def chat_body(content: str, **fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}).encode()
+
+
+def request(body: bytes | dict[str, Any], *, path: str = CHAT, **kw: Any) -> PickRequest:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return PickRequest(
+        method=kw.pop("method", "POST"), path=path, headers=kw.pop("headers", {}), body=raw, **kw
+    )
+
+
+def cache_on(
+    index: store.Index, replica: str, ids: list[int], *, adapter: str = "", salt: str | None = None
+) -> int:
+    """Store the full blocks of ``ids`` on ``replica`` (as its KV events would); -> tokens."""
+    keys = fingerprint.chain_keys(ids, BS, salt=salt)
+    index.blocks_stored(
+        types.Scope("t", MODEL, "vllm", adapter), replica, keys, [BS * (i + 1) for i in range(len(keys))]
+    )
+    return len(keys) * BS
+
+
+def chat_ids(content: str) -> list[int]:
+    tok = tokenizer.PromptTokenizer.load(TINY)
+    return tok.encode_chat([{"role": "user", "content": content}])
+
+
+LONG = "the quick brown fox jumps over the lazy dog " * 12
+
+
+async def pick(p: picker.EndpointPicker, req: PickRequest) -> Decision:
+    out = await p.pick(req)
+    assert isinstance(out, Decision), out
+    return out
+
+
+async def reject(p: picker.EndpointPicker, req: PickRequest) -> Rejection:
+    out = await p.pick(req)
+    assert isinstance(out, Rejection), out
+    return out
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "param"),
+    [
+        pytest.param(b"{not json", ErrorKind.BAD_REQUEST, None, id="bad-json"),
+        pytest.param(b"", ErrorKind.BAD_REQUEST, None, id="empty-post"),
+        pytest.param(
+            {"messages": [{"role": "user", "content": "x"}]}, ErrorKind.BAD_REQUEST, "model", id="no-model"
+        ),
+        pytest.param(
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            ErrorKind.MODEL_NOT_FOUND,
+            "model",
+            id="unknown-model",
+        ),
+    ],
+)
+async def test_bad_requests_are_refused_with_the_error_table(
+    body: bytes | dict[str, Any], kind: ErrorKind, param: str | None
+) -> None:
+    p, _ = make_picker()
+    rejection = await reject(p, request(body))
+    assert (rejection.kind, rejection.param) == (kind, param)
+    assert json.loads(rejection.body())["error"]["message"]
+
+
+async def test_the_replica_holding_the_prefix_is_chosen_and_the_hit_predicted() -> None:
+    p, index = make_picker()
+    ids = chat_ids(LONG)
+    cached = cache_on(index, B, ids)
+    d = await pick(p, request(chat_body(LONG)))
+    assert d.endpoints == (B,)
+    assert d.predicted_prompt_tokens == len(ids)
+    # Capped as the engine caps a hit: the last prompt token is always recomputed.
+    assert d.predicted_cached_tokens == min(cached, ((len(ids) - 1) // BS) * BS) > 0
+    assert d.debug is None  # never on by default: it reveals cache state
+
+
+async def test_debug_header_explains_the_ranking_when_enabled() -> None:
+    p, index = make_picker(debug_header=True)
+    cache_on(index, C, chat_ids(LONG))
+    d = await pick(p, request(chat_body(LONG)))
+    assert d.debug is not None
+    explained = json.loads(d.debug)
+    assert explained["match"] == "precise"
+    assert explained["ranked"][0]["endpoint"] == C
+    assert len(explained["ranked"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("subset", "expected"),
+    [
+        pytest.param(None, {A, B, C}, id="none"),
+        pytest.param((A, "10.9.9.9:1"), {A}, id="partial"),
+        pytest.param((A, B, C), {A, B, C}, id="all"),
+    ],
+)
+async def test_the_subset_hint_bounds_the_choice(subset: tuple[str, ...] | None, expected: set[str]) -> None:
+    p, index = make_picker(fallback_endpoints=2)
+    cache_on(index, B, chat_ids(LONG))
+    d = await pick(p, request(chat_body(LONG), subset=subset))
+    assert set(d.endpoints) == expected
+    if B in expected:
+        assert d.endpoints[0] == B
+
+
+async def test_no_eligible_endpoint_is_503() -> None:
+    p, _ = make_picker(ready={C})
+    assert (await reject(p, request(chat_body("x"), subset=(A, B)))).status == 503
+    p, _ = make_picker(ready=set())
+    assert (await reject(p, request(chat_body("x")))).kind is ErrorKind.NO_ENDPOINT
+
+
+async def test_unready_replicas_are_never_chosen_even_when_they_hold_the_prefix() -> None:
+    p, index = make_picker(ready={A, C})
+    cache_on(index, B, chat_ids(LONG))
+    d = await pick(p, request(chat_body(LONG)))
+    assert d.endpoints[0] in {A, C}
+
+
+async def test_lora_names_match_in_the_adapter_scope() -> None:
+    p, index = make_picker()
+    ids = chat_ids(LONG)
+    cache_on(index, A, ids, adapter="sql-lora")
+    cache_on(index, C, ids)  # the base model's cache does not serve the adapter
+    d = await pick(p, request({"model": "sql-lora", "messages": [{"role": "user", "content": LONG}]}))
+    assert d.endpoints == (A,)
+    assert d.predicted_cached_tokens
+
+
+async def test_cache_salt_separates_caches() -> None:
+    p, index = make_picker()
+    ids = chat_ids(LONG)
+    cache_on(index, A, ids)
+    cache_on(index, C, ids, salt="tenant-secret")
+    assert (await pick(p, request(chat_body(LONG, cache_salt="tenant-secret")))).endpoints == (C,)
+    assert (await pick(p, request(chat_body(LONG)))).endpoints == (A,)
+
+
+async def test_a_burst_of_one_cold_prefix_sticks_before_any_event_arrives() -> None:
+    p, _ = make_picker()
+    first = await pick(p, request(chat_body(LONG)))
+    for _ in range(3):  # the first ones are still in flight: only speculation keeps them together
+        assert (await pick(p, request(chat_body(LONG)))).endpoints == first.endpoints
+
+
+async def test_cold_prefixes_spread() -> None:
+    p, _ = make_picker()
+    chosen = set()
+    for i in range(12):
+        d = await pick(p, request(chat_body(f"[{i}] " + LONG)))
+        p.finished(d, Outcome(response_complete=True))  # no load left behind: only the tie-break
+        chosen.add(d.endpoints[0])
+    assert chosen == {A, B, C}
+
+
+async def test_without_a_tokenizer_matching_is_approximate_and_learns_from_decisions() -> None:
+    p, _ = make_picker(tokenizer_dir=None, debug_header=True)
+    first = await pick(p, request(chat_body(LONG)))
+    assert first.debug is not None and json.loads(first.debug)["match"] == "approximate"
+    assert first.predicted_cached_tokens is None  # no exact prediction without tokens
+    p.finished(first, Outcome(response_complete=True))
+    again = await pick(p, request(chat_body(LONG + " and one more question")))
+    assert again.endpoints == first.endpoints
+
+
+async def test_without_kv_events_matching_is_approximate_even_with_a_tokenizer() -> None:
+    p, index = make_picker(events=False, debug_header=True)
+    cache_on(index, B, chat_ids(LONG))  # nothing can have stored these: no events
+    first = await pick(p, request(chat_body(LONG)))
+    assert first.debug is not None and json.loads(first.debug)["match"] == "approximate"
+    p.finished(first, Outcome(response_complete=True))
+    assert (await pick(p, request(chat_body(LONG + " more")))).endpoints == first.endpoints
+
+
+async def test_matching_over_its_deadline_routes_on_load_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    p, index = make_picker(
+        debug_header=True,
+        tenant_header=True,
+        policies=[policy.NamespacePolicy("slow", lookup_timeout_ms=20)],
+    )
+    cache_on(index, B, chat_ids(LONG))
+    release = asyncio.Event()
+    real = picker.tokenize
+
+    def slow(tok: Any, parsed: openai.ParsedRequest) -> list[int]:
+        loop.call_soon_threadsafe(release.set)
+        import time as _time
+
+        _time.sleep(0.3)
+        return real(tok, parsed)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(picker, "tokenize", slow)
+    d = await pick(p, request(chat_body(LONG), headers={picker.TENANT_HEADER: "slow"}))
+    assert d.debug is not None and json.loads(d.debug)["match"] == "timeout"
+    assert d.predicted_cached_tokens is None
+    # The same request under the model's own tenant (no deadline) waits and matches.
+    monkeypatch.setattr(picker, "tokenize", real)
+    assert (await pick(p, request(chat_body(LONG)))).endpoints == (B,)
+    await release.wait()
+
+
+async def test_the_tenant_header_is_ignored_unless_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    p, index = make_picker(debug_header=True, policies=[policy.NamespacePolicy("slow", lookup_timeout_ms=1)])
+    cache_on(index, B, chat_ids(LONG))
+    d = await pick(p, request(chat_body(LONG), headers={picker.TENANT_HEADER: "slow"}))
+    assert d.endpoints == (B,)
+
+
+async def test_shedding_only_when_every_replica_is_predicted_too_slow() -> None:
+    p, _ = make_picker(limits=openai.Limits(shed_ttft_ms=1e6))
+    assert isinstance(await p.pick(request(chat_body(LONG))), Decision)
+    p, _ = make_picker(limits=openai.Limits(shed_ttft_ms=0.001))
+    assert (await reject(p, request(chat_body(LONG)))).status == 429
+
+
+async def test_round_robin_ignores_the_cache_but_does_the_same_work() -> None:
+    p, index = make_picker(routing="round-robin", debug_header=True)
+    cache_on(index, B, chat_ids(LONG))
+    chosen = [(await pick(p, request(chat_body(LONG)))).endpoints[0] for _ in range(6)]
+    assert chosen == [A, B, C, A, B, C]
+
+
+async def test_in_flight_load_moves_cold_traffic_and_is_released_when_finished() -> None:
+    p, _ = make_picker(scoring=ScoringSettings(inflight_request_ms=50.0))
+    d = await pick(p, request(chat_body("[x] " + LONG)))
+    assert p.inflight.load(d.endpoints[0]).requests == 1
+    p.finished(d, Outcome(response_complete=True, status=200))
+    assert p.inflight.load(d.endpoints[0]).requests == 0
+    p.finished(d, Outcome(response_complete=True))  # idempotent
+    assert p.inflight.load(d.endpoints[0]).requests == 0
+
+
+async def test_bodiless_and_other_paths_go_to_the_least_loaded_ready_endpoint() -> None:
+    p, _ = make_picker(ready={A, B})
+    busy = await pick(p, request(chat_body("[busy] " + LONG)))
+    d = await pick(p, request(b"", method="GET", path="/v1/models"))
+    assert d.endpoints[0] in {A, B} - set(busy.endpoints)
+
+
+def test_a_failed_scrape_forgets_the_engine_gauges() -> None:
+    from inference_cache import enginestats
+
+    p, _ = make_picker()
+    stats = enginestats.EngineStats(types.ReplicaStats(), 1.0, 5.0, 0.5)
+    p.observe_engine(A, stats)
+    gauges = p.inflight.engine(A)
+    assert gauges is not None and gauges.waiting == 5.0
+    p.observe_engine(A, None)
+    after = p.inflight.engine(A)
+    assert after is None or (after.running, after.waiting) == (None, None)
