@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 TENANT_HEADER = "x-inference-cache-tenant"
 #: Matching deadline when the tenant's policy sets no ``lookupTimeoutMs``.
 DEFAULT_MATCH_TIMEOUT_MS = 1000
+#: Characters left to tokenize after the prefix cache up to which we tokenize on the event
+#: loop (~0.5 ms of BPE): below it a worker-thread hop costs more than it saves.
+INLINE_TOKENIZE_CHARS = 2048
 
 #: How a decision's match was obtained (the ``match`` label of the decision metrics).
 MATCH_PRECISE = "precise"
@@ -261,11 +264,8 @@ class EndpointPicker:
             seed = akeys[0].to_bytes(8, "big") if akeys else text_seed(text)
             return Prompt(None, total, (), MATCH_APPROX, akeys, seed)
         budget_ms = policy.lookup_timeout_ms if policy.lookup_timeout_ms > 0 else DEFAULT_MATCH_TIMEOUT_MS
-        tok = route.tokenizer
         try:
-            tokens = await asyncio.wait_for(
-                asyncio.to_thread(tokenize, tok, parsed), timeout=budget_ms / 1000
-            )
+            tokens = await self._tokenize(route.tokenizer, parsed, budget_ms / 1000)
         except TimeoutError:
             text = openai.approx_text(parsed)
             return Prompt(None, max(1, len(text) // 4), (), MATCH_TIMEOUT, seed=text_seed(text))
@@ -275,6 +275,22 @@ class EndpointPicker:
             text = openai.approx_text(parsed)
             return Prompt(None, max(1, len(text) // 4), (), MATCH_UNTOKENIZABLE, seed=text_seed(text))
         return self.precise_prompt(route, tokens, parsed.cache_salt)
+
+    async def _tokenize(
+        self, tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest, budget_s: float
+    ) -> list[int]:
+        """Token ids as the engine makes them. Rendering and the prefix-cache probe run
+        inline (cheap); the rest runs inline when short (a follow-up turn: a thread hop
+        would cost more), else in a worker thread bounded by ``budget_s``."""
+        if parsed.api == "chat" and not parsed.add_special_tokens:
+            text = render(tok, parsed)
+            probe = tok.lookup(text)
+            if len(text) - probe.start <= INLINE_TOKENIZE_CHARS:
+                return tok.finish(text, probe)
+            return await asyncio.wait_for(asyncio.to_thread(tok.finish, text, probe), timeout=budget_s)
+        if parsed.api == "completions" and parsed.token_ids:
+            return list(parsed.token_ids[0])
+        return await asyncio.wait_for(asyncio.to_thread(tokenize, tok, parsed), timeout=budget_s)
 
     def rank(self, route: Route, adapter: str, prompt: Prompt, candidates: Sequence[str]) -> Ranked:
         """Score ``candidates`` for ``prompt``: predicted TTFT order (pure read of the index,
@@ -368,18 +384,22 @@ class EndpointPicker:
         return Decision(endpoints=tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints]))
 
 
+def render(tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest) -> str:
+    """The chat request's prompt text, rendered as the engine renders it."""
+    fmt = tok.tokenizer.content_format(tools=parsed.tools)
+    return tok.tokenizer.render_chat(
+        tokenizer_mod.vllm_conversation(parsed.messages, fmt),
+        add_generation_prompt=parsed.add_generation_prompt,
+        continue_final_message=parsed.continue_final_message,
+        tools=parsed.tools,
+        chat_template_kwargs=parsed.chat_template_kwargs,
+    )
+
+
 def tokenize(tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest) -> list[int]:
     """Token ids exactly as the engine makes them (vLLM's OpenAI server rules)."""
     if parsed.api == "chat":
-        fmt = tok.tokenizer.content_format(tools=parsed.tools)
-        return tok.encode_chat(
-            tokenizer_mod.vllm_conversation(parsed.messages, fmt),
-            add_generation_prompt=parsed.add_generation_prompt,
-            continue_final_message=parsed.continue_final_message,
-            tools=parsed.tools,
-            chat_template_kwargs=parsed.chat_template_kwargs,
-            add_special_tokens=parsed.add_special_tokens,
-        )
+        return tok.encode_text(render(tok, parsed), add_special_tokens=parsed.add_special_tokens)
     if parsed.token_ids:
         return list(parsed.token_ids[0])
     text = parsed.prompts[0] if parsed.prompts else ""

@@ -76,6 +76,13 @@ class ProtocolSettings:
     response_processing: bool = False
     #: Add ``x-inference-cache-decision`` to responses (reveals cache state: off).
     debug_header: bool = False
+    #: In BUFFERED mode, when Envoy announces no response body processing and we add no
+    #: response header, ask Envoy (``mode_override`` on our request-headers answer) to skip
+    #: the response headers: one ext_proc round trip less per request. Needs the filter's
+    #: ``allow_mode_override: true`` (the shipped buffered configs set it); Envoy ignores
+    #: the override otherwise. The cost: no status or served endpoint for that request
+    #: (its in-flight count ends when the stream closes, plus the linger).
+    skip_idle_response_headers: bool = True
 
     def __post_init__(self) -> None:
         if self.body_mode not in BODY_MODES:
@@ -218,8 +225,23 @@ def route_metadata(decision: picking.Decision) -> Any:
     return metadata
 
 
-def continue_request_headers() -> Any:
-    return ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+def continue_request_headers(mode_override: Any | None = None) -> Any:
+    answer = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+    if mode_override is not None:
+        answer.mode_override.CopyFrom(mode_override)
+    return answer
+
+
+#: BUFFERED request body, nothing in the response direction (see
+#: ``ProtocolSettings.skip_idle_response_headers``).
+SKIP_RESPONSE = processing_mode_pb2.ProcessingMode(
+    request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED,
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+)
 
 
 def continue_body(*, request: bool) -> Any:
@@ -345,6 +367,8 @@ class _Stream:
         self.phase = Phase.HEADERS
         self._mode: Mode | None = None  # request body mode, set by the first message
         self._response_mode = Mode.BUFFERED
+        #: Envoy's announced response body mode (``None`` without ``protocol_config``).
+        self._response_body_send_mode: int | None = None
         self._headers: dict[str, str] = {}
         self._subset: tuple[str, ...] | None = None
         self._chunks: list[bytes] = []
@@ -366,6 +390,8 @@ class _Stream:
             config = message.protocol_config if message.HasField("protocol_config") else None
             self._mode = request_mode(config, self._settings)
             self._response_mode = response_mode(config, self._mode)
+            if config is not None:
+                self._response_body_send_mode = config.response_body_mode
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             return await self._request_headers(message)
@@ -396,7 +422,14 @@ class _Stream:
         if message.request_headers.end_of_stream or self._mode is Mode.HEADERS:
             return await self._route(b"", Mode.HEADERS, trailers_follow=False)
         self.phase = Phase.BODY
-        return [continue_request_headers()] if self._mode is Mode.BUFFERED else []
+        if self._mode is not Mode.BUFFERED:
+            return []
+        idle = (
+            self._settings.skip_idle_response_headers
+            and not self._settings.debug_header
+            and self._response_body_send_mode == _BodySendMode.NONE
+        )
+        return [continue_request_headers(SKIP_RESPONSE if idle else None)]
 
     async def _request_body(self, body: Any) -> list[Any]:
         if self.phase is not Phase.BODY:

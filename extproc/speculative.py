@@ -11,9 +11,12 @@ each replica would prefill the same prefix. Place in the flow::
         --> the picker takes per replica max(index match, this match)
 
 Entries are ``(scope_key, block key, replica)`` triples, at most ``max_entries``; the
-oldest go first when full (a prompt's keys are recorded last-block first, so its first
-block goes last). A refresh (the same triple recorded again) extends its life. Expired
-entries never match and are dropped lazily by ``record`` and by ``sweep()``.
+oldest recordings go first when full. A refresh (the same triple recorded again) extends
+its life. Expired entries never match and are dropped lazily by ``record`` and by
+``sweep()``. Bookkeeping is per ``record`` call, not per block: one queue item per
+recording (expiry times only grow: the TTL is fixed), and an entry is dropped with its
+recording only if no later recording refreshed it. So a decision over an 8k-token prompt
+costs one dict assignment per block (``docs/benchmarks.md``).
 
 ``keys`` are a prefix chain (``index.fingerprint.chain_keys``: a key stands for its whole
 prefix). A replica's live keys are then always a union of prefixes (a prefix is recorded
@@ -27,11 +30,10 @@ hashes it once. Not thread-safe: the picker runs on one event loop.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 
 Clock = Callable[[], float]
-
 #: block key -> replica -> (expires at, tokens per block)
 _Holders = dict[bytes, dict[str, tuple[float, int]]]
 
@@ -46,34 +48,42 @@ class SpeculativeIndex:
         self.max_entries = max_entries
         self._clock = clock
         self._scopes: dict[Hashable, _Holders] = {}
-        #: (scope_key, block key, replica), least recently recorded (first to expire) first.
-        self._order: OrderedDict[tuple[Hashable, bytes, str], None] = OrderedDict()
+        #: (expires at, scope_key, replica, keys) per record() call, oldest first.
+        self._recordings: deque[tuple[float, Hashable, str, Sequence[bytes]]] = deque()
+        self._entries = 0
 
     @property
     def size(self) -> int:
         """Entries held (expired ones included until dropped)."""
-        return len(self._order)
+        return self._entries
 
     def record(
         self, scope_key: Hashable, replica_id: str, keys: Sequence[bytes], tokens_per_block: int
     ) -> None:
         """``replica_id`` was chosen for a prompt with ``keys`` (``tokens_per_block`` each)."""
+        if not keys:
+            return
         now = self._clock()
         self._expire(now)
         holders = self._scopes.get(scope_key)
         if holders is None:
             holders = self._scopes[scope_key] = {}
-        entry = (now + self.ttl_s, tokens_per_block)
-        order = self._order
-        for key in reversed(keys):
-            triple = (scope_key, key, replica_id)
-            if triple in order:
-                order.move_to_end(triple)
+        expires = now + self.ttl_s
+        entry = (expires, tokens_per_block)
+        added = 0
+        for key in keys:
+            held = holders.get(key)
+            if held is None:
+                holders[key] = {replica_id: entry}
+                added += 1
             else:
-                order[triple] = None
-            holders.setdefault(key, {})[replica_id] = entry
-        while len(order) > self.max_entries:
-            self._drop(next(iter(order)))
+                if replica_id not in held:
+                    added += 1
+                held[replica_id] = entry
+        self._entries += added
+        self._recordings.append((expires, scope_key, replica_id, keys))
+        while self._entries > self.max_entries and self._recordings:
+            self._drop_oldest()
 
     def match(self, scope_key: Hashable, keys: Sequence[bytes]) -> dict[str, int]:
         """Leading matched blocks per replica among live entries (only those with >= 1)."""
@@ -85,9 +95,9 @@ class SpeculativeIndex:
 
     def sweep(self) -> int:
         """Drop every expired entry now; returns how many were dropped."""
-        before = len(self._order)
+        before = self._entries
         self._expire(self._clock())
-        return before - len(self._order)
+        return before - self._entries
 
     def _walk(self, scope_key: Hashable, keys: Sequence[bytes]) -> dict[str, tuple[int, int]]:
         holders = self._scopes.get(scope_key)
@@ -109,20 +119,27 @@ class SpeculativeIndex:
         return out
 
     def _expire(self, now: float) -> None:
-        order = self._order
-        while order:
-            scope_key, key, rid = triple = next(iter(order))
-            if self._scopes[scope_key][key][rid][0] > now:
-                break
-            self._drop(triple)
+        recordings = self._recordings
+        while recordings and recordings[0][0] <= now:
+            self._drop_oldest()
 
-    def _drop(self, triple: tuple[Hashable, bytes, str]) -> None:
-        del self._order[triple]
-        scope_key, key, rid = triple
-        holders = self._scopes[scope_key]
-        held = holders[key]
-        del held[rid]
-        if not held:
-            del holders[key]
-            if not holders:
-                del self._scopes[scope_key]
+    def _drop_oldest(self) -> None:
+        """Forget the oldest recording: each of its entries unless a later one refreshed it."""
+        expires, scope_key, rid, keys = self._recordings.popleft()
+        holders = self._scopes.get(scope_key)
+        if holders is None:
+            return
+        removed = 0
+        for key in keys:
+            held = holders.get(key)
+            if held is None:
+                continue
+            entry = held.get(rid)
+            if entry is not None and entry[0] <= expires:
+                del held[rid]
+                removed += 1
+                if not held:
+                    del holders[key]
+        self._entries -= removed
+        if not holders:
+            del self._scopes[scope_key]

@@ -550,6 +550,16 @@ class CacheStats:
     """Characters actually tokenized."""
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What :meth:`CachedChatEncoder.lookup` found: ``text[:start]`` is ``prefix``."""
+
+    start: int
+    prefix: array.array[int]
+    keys: list[tuple[int, bytes]]
+    hit: bool
+
+
 @dataclass
 class CachedChatEncoder:
     """``PromptTokenizer.encode_chat`` that tokenizes only what it has not seen.
@@ -594,15 +604,25 @@ class CachedChatEncoder:
         """``PromptTokenizer.encode(text)``, reusing cached prefixes of ``text``."""
         if add_special_tokens or self._finder is None:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.finish(text, self.lookup(text))
+
+    def lookup(self, text: str) -> Probe:
+        """The cached prefix of ``text`` (cheap: one hash pass): ``len(text) - probe.start``
+        characters are left to tokenize, so a caller can tell a quick follow-up turn from a
+        first turn before deciding where to run :meth:`finish`."""
+        if self._finder is None:
+            return Probe(0, array.array("I"), [], hit=False)
         keys = self._prefix_keys(text)
-        hit: tuple[int, array.array[int]] | None = None
         with self._lock:
             for cut, key in reversed(keys):
                 if (ids := self._entries.get(key)) is not None:
                     self._entries.move_to_end(key)
-                    hit = (cut, ids)
-                    break
-        start, prefix = hit if hit else (0, array.array("I"))
+                    return Probe(cut, ids, keys, hit=True)
+        return Probe(0, array.array("I"), keys, hit=False)
+
+    def finish(self, text: str, probe: Probe) -> list[int]:
+        """Tokenize what ``probe`` left (without special tokens) and cache the new prefix."""
+        start, prefix, keys = probe.start, probe.prefix, probe.keys
         last_cut, last_key = keys[-1] if keys else (0, b"")
         encode = self.tokenizer.encode
         if last_cut > start:
@@ -614,7 +634,7 @@ class CachedChatEncoder:
         else:
             result = prefix.tolist() + encode(text[start:], add_special_tokens=False)
         with self._lock:
-            if hit:
+            if probe.hit:
                 self.stats.hits += 1
                 self.stats.reused_tokens += len(prefix)
             else:

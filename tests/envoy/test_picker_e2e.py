@@ -143,8 +143,7 @@ def server_config(
         snapshot_bind_address="127.0.0.1:0",
         extproc_bind_address="127.0.0.1:0",
         insecure_disable_auth=True,
-        debug_decision_header=True,
-        **server,
+        **{"debug_decision_header": True, **server},
     )
     cfg = config_mod.Config(
         server=settings,
@@ -342,3 +341,21 @@ async def test_follow_ups_stick_without_engine_metrics_or_response_processing(
         assert reply.engine == first.engine, f"turn {turns} moved"
         assert reply.cached_tokens > 0
         await fleet.sync()
+
+
+async def test_idle_response_headers_are_skipped_by_mode_override(start_fleet: StartFleet) -> None:
+    """Without the debug header and response body processing the server asks Envoy (its
+    ``allowed_override_modes``) to skip the response headers: two ext_proc messages per
+    request instead of three; with the debug header on, Envoy sends them."""
+    counts = {}
+    for debug in (False, True):
+        fleet = await start_fleet("buffered", engines=2, debug_decision_header=debug)
+        before = await fleet.proxy.stats()
+        for i in range(4):
+            reply = await fleet.chat(conversation(200 + i))
+            assert reply.status == 200 and reply.engine
+            assert (reply.decision is not None) is debug
+        after = await fleet.proxy.stats()
+        key = next(k for k in after if k.endswith("ext_proc.stream_msgs_sent"))
+        counts[debug] = (int(after[key]) - int(before.get(key, 0))) / 4
+    assert counts == {False: 2, True: 3}

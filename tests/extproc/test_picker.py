@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,26 +260,39 @@ async def test_matching_over_its_deadline_routes_on_load_only(monkeypatch: pytes
         tenant_header=True,
         policies=[policy.NamespacePolicy("slow", lookup_timeout_ms=20)],
     )
-    cache_on(index, B, chat_ids(LONG))
-    release = asyncio.Event()
-    real = picker.tokenize
+    long = LONG * 6  # more than INLINE_TOKENIZE_CHARS left to tokenize: a worker thread
+    assert len(long) > picker.INLINE_TOKENIZE_CHARS
+    cache_on(index, B, chat_ids(long))
+    encoder = p.routes[MODEL].tokenizer
+    assert encoder is not None
+    real = encoder.finish
+    done = threading.Event()
 
-    def slow(tok: Any, parsed: openai.ParsedRequest) -> list[int]:
-        loop.call_soon_threadsafe(release.set)
-        import time as _time
+    def slow(text: str, probe: Any) -> list[int]:
+        time.sleep(0.3)
+        done.set()
+        return real(text, probe)
 
-        _time.sleep(0.3)
-        return real(tok, parsed)
-
-    loop = asyncio.get_running_loop()
-    monkeypatch.setattr(picker, "tokenize", slow)
-    d = await pick(p, request(chat_body(LONG), headers={picker.TENANT_HEADER: "slow"}))
+    monkeypatch.setattr(encoder, "finish", slow)
+    d = await pick(p, request(chat_body(long), headers={picker.TENANT_HEADER: "slow"}))
     assert d.debug is not None and json.loads(d.debug)["match"] == "timeout"
     assert d.predicted_cached_tokens is None
-    # The same request under the model's own tenant (no deadline) waits and matches.
-    monkeypatch.setattr(picker, "tokenize", real)
-    assert (await pick(p, request(chat_body(LONG)))).endpoints == (B,)
-    await release.wait()
+    # The same request under the model's own tenant (1 s default deadline) waits and matches.
+    assert (await pick(p, request(chat_body(long)))).endpoints == (B,)
+    assert done.wait(5)
+
+
+async def test_a_short_follow_up_is_tokenized_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    p, index = make_picker()
+    cache_on(index, B, chat_ids(LONG))
+    first = [{"role": "user", "content": LONG}]
+    await pick(p, request({"model": MODEL, "messages": first}))
+    calls: list[str] = []
+    monkeypatch.setattr(asyncio, "to_thread", lambda *a, **k: calls.append("thread"))
+    follow = [*first, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"}]
+    d = await pick(p, request({"model": MODEL, "messages": follow}))
+    assert calls == []  # the prefix cache left a few characters: no worker-thread hop
+    assert d.endpoints == (B,)
 
 
 async def test_the_tenant_header_is_ignored_unless_trusted(monkeypatch: pytest.MonkeyPatch) -> None:

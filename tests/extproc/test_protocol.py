@@ -218,7 +218,11 @@ async def test_buffered_routes_in_the_body_response(
     call = h.open()
     await send(call, request_headers(protocol_config=protocol_config))
     (headers_answer,) = await read(call, 1)
-    assert headers_answer == ep.ProcessingResponse(request_headers=ep.HeadersResponse())  # empty CONTINUE
+    continue_ = ep.ProcessingResponse(request_headers=ep.HeadersResponse())  # empty CONTINUE
+    if protocol_config is not None:
+        # Envoy announced no response body: we ask it to skip the response headers too.
+        continue_.mode_override.CopyFrom(protocol.SKIP_RESPONSE)
+    assert headers_answer == continue_
     await send(call, request_body(BODY))
     (body_answer,) = await read(call, 1)
     assert body_answer.WhichOneof("response") == "request_body"
@@ -522,6 +526,26 @@ async def test_json_response_usage_reaches_finished(start: Start) -> None:
     assert [(d.predicted_prompt_tokens, u) for d, u in h.observer.usages] == [(40, EXPECTED_USAGE)]
     await close(call)
     assert len(h.picker.finished_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "response_body", "skipped"),
+    [
+        pytest.param({}, Mode.NONE, True, id="idle-response"),
+        pytest.param({"skip_idle_response_headers": False}, Mode.NONE, False, id="setting-off"),
+        pytest.param({"debug_header": True}, Mode.NONE, False, id="debug-header-needs-them"),
+        pytest.param({}, Mode.BUFFERED, False, id="response-body-processed"),
+    ],
+)
+async def test_response_headers_are_skipped_only_when_idle(
+    start: Start, settings: dict[str, Any], response_body: int, skipped: bool
+) -> None:
+    h = await start(**settings)
+    call = h.open()
+    await send(call, request_headers(protocol_config=config(Mode.BUFFERED, response_body)))
+    (headers_answer,) = await read(call, 1)
+    assert headers_answer.HasField("mode_override") is skipped
+    await close(call)
 
 
 async def test_served_endpoint_from_the_upstream_address_attribute(start: Start) -> None:

@@ -85,12 +85,15 @@ def test_refresh_extends_life(spec: SpeculativeIndex, clock: Clock) -> None:
     assert spec.size == 2
 
 
-def test_bounded_memory_drops_oldest_and_keeps_prompt_roots(clock: Clock) -> None:
+def test_bounded_memory_drops_the_oldest_recordings_whole(clock: Clock) -> None:
     spec = SpeculativeIndex(clock=clock, max_entries=3)
     spec.record(S, "a", KEYS[:2], 16)
-    spec.record(S, "b", KEYS[:2], 16)  # 4 entries > 3: a's second block goes first
+    spec.record(S, "b", KEYS[:2], 16)  # 4 entries > 3: a's recording goes
+    assert spec.size == 2
+    assert spec.match(S, KEYS) == {"b": 2}
+    spec.record(S, "b", KEYS[:3], 16)  # refreshes b's two and adds one: still within bounds
     assert spec.size == 3
-    assert spec.match(S, KEYS) == {"a": 1, "b": 2}
+    assert spec.match(S, KEYS) == {"b": 3}
 
 
 @pytest.mark.parametrize("kwargs", [{"ttl_s": 0.0}, {"max_entries": 0}])
