@@ -10,6 +10,7 @@ configured); everything that configures process-wide logging runs in a subproces
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -319,3 +320,25 @@ async def test_server_marks_an_endpoint_without_engine_unready() -> None:
         assert srv.index.ready  # an engine that is down never makes the server unready
     finally:
         await srv.stop()
+
+
+async def test_serve_freezes_long_lived_state_out_of_the_cyclic_gc() -> None:
+    settings = config.ServerSettings(
+        grpc_bind_address="127.0.0.1:0",
+        http_bind_address="127.0.0.1:0",
+        snapshot_bind_address="127.0.0.1:0",
+        extproc_bind_address="127.0.0.1:0",
+        insecure_disable_auth=True,
+    )
+    cfg = config.Config(server=settings)
+    try:
+        embedded = serve.Server(cfg)  # in-process embedders keep their GC as it is
+        await embedded.start()
+        await embedded.stop()
+        assert gc.get_freeze_count() == 0
+        srv = serve.Server(cfg, freeze_gc=True)  # what `inference-cache serve` runs
+        await srv.start()
+        await srv.stop()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
