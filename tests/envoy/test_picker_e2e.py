@@ -6,217 +6,24 @@ the fake engines' HTTP API (OpenAI chat, usage with ``cached_tokens``, ``/metric
 their ZMQ KV events, the Qwen tokenizer (``make tokenizer``). The client only talks to
 Envoy's listener; which engine answered comes from the engine's ``x-engine-address``
 response header and the engine's own ``cached_tokens`` confirms what we predicted.
+The fleet (``start_fleet``) lives in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import aiohttp
 import grpc
 import pytest
 
-from inference_cache import config as config_mod
-from inference_cache import envoy
-from inference_cache.extproc.serve import Server
-from inference_cache.fakeengine import main as fakeengine
 from inference_cache.fakeengine.scheduler import TimeModel
 from inference_cache.proto import pb, pb_grpc
 
-from .conftest import CONFIGS, DESTINATION
-
-REPO = Path(__file__).resolve().parents[2]
-QWEN = REPO / ".cache" / "tokenizers" / "qwen"
-MODEL = "e2e-model"
-BS = 16
-SYNC_S = 10.0
-DECISION_HEADER = "x-inference-cache-decision"
-SYSTEM = (
-    "[{team}] You are a meticulous assistant for the {team} team. Follow the house style, cite the runbook "
-    "section you rely on, and never invent numbers. Context for this conversation: {topic}. "
-)
-
-
-def conversation(i: int, turns: int = 1) -> list[dict[str, str]]:
-    """A chat whose long system prompt is unique to ``i`` (a cold prefix per ``i``)."""
-    system = SYSTEM.format(team=f"team-{i}", topic=" ".join(f"fact-{i}-{k}" for k in range(60)))
-    messages = [{"role": "system", "content": system}]
-    for t in range(turns):
-        if t:
-            messages.append({"role": "assistant", "content": f"Answer {t} for {i}."})
-        messages.append({"role": "user", "content": f"Question {t} about item {i}?"})
-    return messages
-
-
-@dataclass
-class Reply:
-    status: int
-    engine: str
-    prompt_tokens: int
-    cached_tokens: int
-    decision: dict[str, Any] | None
-    body: dict[str, Any]
-
-
-@dataclass
-class Fleet:
-    engines: list[fakeengine.Running]
-    servers: list[Server]
-    proxy: envoy.EnvoyProcess
-    session: aiohttp.ClientSession
-    stack: contextlib.AsyncExitStack = field(repr=False)
-
-    def address(self, i: int) -> str:
-        return f"127.0.0.1:{self.engines[i].port}"
-
-    async def chat(
-        self, messages: Sequence[Mapping[str, str]], *, headers: Mapping[str, str] | None = None, **body: Any
-    ) -> Reply:
-        payload = {"model": MODEL, "messages": list(messages), "max_tokens": 1, **body}
-        async with self.session.post(
-            self.proxy.url + "/v1/chat/completions", json=payload, headers=dict(headers or {})
-        ) as response:
-            data = await response.json(content_type=None)
-            usage = data.get("usage") or {}
-            decision = response.headers.get(DECISION_HEADER)
-            return Reply(
-                status=response.status,
-                engine=response.headers.get("x-engine-address", ""),
-                prompt_tokens=usage.get("prompt_tokens", 0),
-                cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-                decision=json.loads(decision) if decision else None,
-                body=data,
-            )
-
-    def lagging(self) -> list[str]:
-        """Engines whose published KV-event batches some live server has not applied."""
-        out = []
-        for server in self.servers:
-            if server.addresses is None:
-                continue
-            applied = {w.replica_id: w.counters.batches for w in server.workers}
-            for i, e in enumerate(self.engines):
-                assert e.publisher is not None
-                if applied.get(self.address(i), -1) != e.publisher.next_seq:
-                    out.append(self.address(i))
-        return out
-
-    async def sync(self) -> None:
-        """Until every live server applied every batch (bounded; polls a real condition)."""
-        deadline = time.monotonic() + SYNC_S
-        while lagging := self.lagging():
-            assert time.monotonic() < deadline, f"KV events of {lagging} never reached the server"
-            await asyncio.sleep(0.005)
-
-    async def connect(self) -> None:
-        """Until each subscriber saw a live batch (ZMQ slow joiner): ping the engines with
-        ``/reset_prefix_cache`` (an ``AllBlocksCleared`` batch) until all are applied."""
-        deadline = time.monotonic() + SYNC_S
-        while True:
-            silent = [i for i, e in enumerate(self.engines) if e.publisher and e.publisher.next_seq == 0]
-            if not silent and not self.lagging():
-                return
-            assert time.monotonic() < deadline, "no KV events reached the server"
-            for i in range(len(self.engines)):
-                async with self.session.post(self.engines[i].url + "/reset_prefix_cache") as r:
-                    await r.read()
-            await asyncio.sleep(0.05)
-
-
-StartFleet = Callable[..., Awaitable[Fleet]]
-
-
-def server_config(
-    engines: Sequence[fakeengine.Running], *, metrics: bool, **server: Any
-) -> config_mod.Config:
-    settings = config_mod.ServerSettings(
-        grpc_bind_address="127.0.0.1:0",
-        http_bind_address="127.0.0.1:0",
-        snapshot_bind_address="127.0.0.1:0",
-        extproc_bind_address="127.0.0.1:0",
-        insecure_disable_auth=True,
-        **{"debug_decision_header": True, **server},
-    )
-    cfg = config_mod.Config(
-        server=settings,
-        models=(config_mod.ModelConfig(name=MODEL, block_size=BS, tokenizer=str(QWEN)),),
-        endpoints=tuple(
-            config_mod.EndpointConfig(
-                address=f"127.0.0.1:{e.port}",
-                model=MODEL,
-                kv_events=e.config.kv_events_endpoint or "",
-                replay=e.config.replay_endpoint,
-                metrics_url=f"{e.url}/metrics" if metrics else None,
-            )
-            for e in engines
-        ),
-        health_interval_s=0.5,
-        stats_interval_s=0.1,
-    )
-    config_mod.validate(cfg)
-    return cfg
-
-
-@pytest.fixture
-async def start_fleet() -> AsyncIterator[StartFleet]:
-    """``await start_fleet(config, engines=3, servers=1, metrics=True, time_model=...,
-    **server flags)``: everything stopped when the test ends."""
-    assert (QWEN / "tokenizer.json").exists(), "run `make tokenizer` (make test does) first"
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(
-            name: str,
-            *,
-            engines: int = 3,
-            servers: int = 1,
-            metrics: bool = True,
-            time_model: TimeModel | None = None,
-            **server: Any,
-        ) -> Fleet:
-            ipc = stack.enter_context(tempfile.TemporaryDirectory(prefix="ic-e2e-"))
-            running = []
-            for i in range(engines):
-                r = await fakeengine.start(
-                    fakeengine.EngineConfig(
-                        tokenizer=QWEN,
-                        model=MODEL,
-                        port=0,
-                        block_size=BS,
-                        num_gpu_blocks=512,
-                        max_model_len=4096,
-                        kv_events_endpoint=f"ipc://{ipc}/e{i}-events",
-                        replay_endpoint=f"ipc://{ipc}/e{i}-replay",
-                        time_model=time_model or TimeModel(),
-                    )
-                )
-                stack.push_async_callback(r.close)
-                running.append(r)
-            cfg = server_config(running, metrics=metrics, **server)
-            started = []
-            for _ in range(servers):
-                srv = Server(cfg)
-                await srv.start()
-                stack.push_async_callback(srv.stop, 0)
-                started.append(srv)
-            extproc = [s.addresses.extproc for s in started if s.addresses is not None]
-            engine_addresses = [f"127.0.0.1:{r.port}" for r in running]
-            shipped = envoy.load_config(CONFIGS[name])
-            rewritten = envoy.loopback(shipped, extproc=extproc, engines=engine_addresses)
-            proxy = await stack.enter_async_context(envoy.EnvoyProcess(rewritten))
-            session = await stack.enter_async_context(aiohttp.ClientSession())
-            fleet = Fleet(running, started, proxy, session, stack)
-            await fleet.connect()
-            return fleet
-
-        yield start
+from .conftest import BS, DESTINATION, MODEL, SYNC_S, Fleet, Reply, StartFleet, conversation
 
 
 async def first_turns(fleet: Fleet, ids: Sequence[int]) -> dict[int, Reply]:
