@@ -6,16 +6,18 @@ Owner: ``inference_cache.extproc`` (built by ``serve``; called by ``protocol`` f
     PickRequest --openai.parse--> ParsedRequest (400/404/413 as Rejection)
       --resolve model/LoRA--> Route (tenant, endpoints, block size, tokenizer)
       --candidates--> ready endpoints of the model, filtered by the subset hint (503 if none)
-      --tokenizer--> token ids  (worker thread, bounded by the matching deadline)
+      --tokenizer--> token ids  (render + prefix-cache probe inline; a long uncached rest
+                                 in a worker thread, bounded by the matching deadline)
       --fingerprint.chain_keys--> block keys (salted by cache_salt)
       --Index.longest_prefix + SpeculativeIndex.match--> matched tokens per replica
       --InflightTracker.load + engine gauges--> scoring.Candidate views
       --scoring.rank--> predicted TTFT order --> Decision (primary + fallbacks)
 
-Without a tokenizer for the model the match is approximate (``approx``: character chunks,
-learned from our own decisions) and reported as such. When matching overruns its deadline
-the request is routed on load alone (counted). ``finished`` closes the in-flight ticket and
-compares the engine's reported ``usage`` with the prediction.
+Without a tokenizer for the model, or without KV events from all its endpoints, the match
+is approximate (``approx``: character chunks, learned from our own decisions) and reported
+as such. When matching overruns its deadline the request is routed on load alone
+(counted). ``finished`` closes the in-flight ticket; the protocol's observer compares the
+engine's reported ``usage`` with the prediction.
 """
 
 from __future__ import annotations

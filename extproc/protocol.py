@@ -16,8 +16,10 @@ Body modes (request direction), from ``protocol_config`` when Envoy sends it, el
 :attr:`ProtocolSettings.body_mode` (``auto`` = ``BUFFERED``):
 
 * ``BUFFERED`` (and ``BUFFERED_PARTIAL``): the headers are answered at once with an empty
-  CONTINUE, the one body message gets the routing (header mutations in a body response
-  are applied in this mode only), which lets Envoy fail open.
+  CONTINUE (carrying a ``mode_override`` that skips the response headers when we have
+  nothing to do with them: ``ProtocolSettings.skip_idle_response_headers``), the one body
+  message gets the routing (header mutations in a body response are applied in this mode
+  only), which lets Envoy fail open.
 * ``FULL_DUPLEX_STREAMED``: nothing is answered until the body ends (``end_of_stream`` or
   trailers), then the headers response (mutation, ``clear_route_cache``, metadata), then
   the body as ``streamed_response`` chunks of at most ``chunk_bytes``. Body messages
