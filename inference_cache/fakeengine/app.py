@@ -354,17 +354,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     head["object"] = "chat.completion.chunk"
     response = await _start_sse(request)
     admitted: Admission | None = None
+    role_sent = False
+
+    async def delta(content: dict[str, Any]) -> None:
+        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": None}
+        await _send(response, {**head, "choices": [choice]})
+
     async with contextlib.aclosing(_run(state, job)) as steps:
         async for step in steps:
             if isinstance(step, Admission):
                 admitted = step
-                delta: dict[str, Any] = {"role": "assistant", "content": ""}
-            else:
-                delta = {"content": state.tokenizer.decode([step])}
-            await _send(
-                response,
-                {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]},
-            )
+                continue
+            # As vLLM: the role chunk goes out with the first step's output (after prefill),
+            # so a client timing the first chunk measures the time to first token.
+            if not role_sent:
+                await delta({"role": "assistant", "content": ""})
+                role_sent = True
+            await delta({"content": state.tokenizer.decode([step])})
     await _send(
         response,
         {
