@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 #: ``bench <name>`` -> (owning module, help)
 BENCHES: dict[str, tuple[str, str]] = {
     "index": ("inference_cache.index.bench", "ingest and lookup throughput, memory per entry"),
+    "routing": (
+        "inference_cache.routesim.bench",
+        "trace-replay simulation: routing quality of ours vs peer routers",
+    ),
     "extproc": (
         "inference_cache.extproc.bench",
         "decision latency and requests/s of the ext_proc picker through a real Envoy",
