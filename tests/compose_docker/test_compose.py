@@ -43,10 +43,12 @@ def stack(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
         compose.start()
         yield compose
     finally:
-        stdout, stderr = compose.get_logs()
-        print(stdout, stderr)  # shown when the test fails
-        # The whole project (compose.stop() would take down only the services it started by name).
-        subprocess.run(down, cwd=topology.EXAMPLES, check=True, capture_output=True, timeout=120)
+        try:
+            stdout, stderr = compose.get_logs()
+            print(stdout, stderr)  # shown when the test fails
+        finally:
+            # The whole project (compose.stop() would take down only the services named).
+            subprocess.run(down, cwd=topology.EXAMPLES, check=True, capture_output=True, timeout=120)
 
 
 def test_client_through_envoy(stack: DockerCompose) -> None:
