@@ -641,3 +641,8 @@ async def test_grpc_serves_tls_from_the_flag_files(
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await pb_grpc.InferenceCacheStub(plain).LookupPDRoute(pb.LookupPDRouteRequest(), timeout=5)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The ext_proc port serves the same keypair, and the health service Envoy checks.
+    extproc_health = health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor")
+    async with grpc.aio.secure_channel(srv.addresses.extproc, creds) as ch:
+        status = await health_pb2_grpc.HealthStub(ch).Check(extproc_health)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
