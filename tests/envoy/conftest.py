@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import tempfile
 import time
@@ -34,6 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from inference_cache import config as config_mod
 from inference_cache import envoy
+from inference_cache.extproc.openai import Limits
+from inference_cache.extproc.scoring import ScoringSettings
 from inference_cache.extproc.serve import Server
 from inference_cache.fakeengine import main as fakeengine
 from inference_cache.fakeengine.scheduler import TimeModel
@@ -295,6 +298,8 @@ class Fleet:
     proxy: envoy.EnvoyProcess
     session: aiohttp.ClientSession
     stack: contextlib.AsyncExitStack = field(repr=False)
+    #: The engines serve replay (``start_fleet(replay=False)``: they do not).
+    replay: bool = True
 
     def address(self, i: int) -> str:
         return f"127.0.0.1:{self.engines[i].port}"
@@ -317,6 +322,21 @@ class Fleet:
                 decision=json.loads(decision) if decision else None,
                 body=data,
             )
+
+    async def start_server(self, i: int) -> Server:
+        """A new server in place of ``servers[i]`` (stopped first by the caller), from the
+        same config and on the same ext_proc port, so Envoy's cluster reaches it again."""
+        old = self.servers[i]
+        assert old.addresses is not None
+        cfg = dataclasses.replace(
+            old.config,
+            server=dataclasses.replace(old.config.server, extproc_bind_address=old.addresses.extproc),
+        )
+        srv = Server(cfg)
+        await srv.start()
+        self.stack.push_async_callback(srv.stop, 0)
+        self.servers[i] = srv
+        return srv
 
     def lagging(self) -> list[str]:
         """Engines whose published KV-event batches some live server has not applied."""
@@ -346,6 +366,12 @@ class Fleet:
             silent = [i for i, e in enumerate(self.engines) if e.publisher and e.publisher.next_seq == 0]
             if not silent and not self.lagging():
                 return
+            if (
+                not silent
+                and not self.replay
+                and all(w.counters.batches for s in self.servers for w in s.workers)
+            ):
+                return  # without replay the batches missed before joining never arrive
             assert time.monotonic() < deadline, "no KV events reached the server"
             for i in range(len(self.engines)):
                 async with self.session.post(self.engines[i].url + "/reset_prefix_cache") as r:
@@ -357,7 +383,12 @@ StartFleet = Callable[..., Awaitable[Fleet]]
 
 
 def server_config(
-    engines: Sequence[fakeengine.Running], *, metrics: bool, **server: Any
+    engines: Sequence[fakeengine.Running],
+    *,
+    metrics: bool,
+    limits: Limits | None = None,
+    scoring: ScoringSettings | None = None,
+    **server: Any,
 ) -> config_mod.Config:
     settings = config_mod.ServerSettings(
         grpc_bind_address="127.0.0.1:0",
@@ -382,6 +413,8 @@ def server_config(
         ),
         health_interval_s=0.5,
         stats_interval_s=0.1,
+        limits=limits or Limits(),
+        scoring=scoring or ScoringSettings(),
     )
     config_mod.validate(cfg)
     return cfg
@@ -390,7 +423,8 @@ def server_config(
 @pytest.fixture
 async def start_fleet() -> AsyncIterator[StartFleet]:
     """``await start_fleet(config, engines=3, servers=1, metrics=True, time_model=...,
-    **server flags)``: everything stopped when the test ends."""
+    replay=True, limits=..., scoring=..., **server flags)``: everything stopped when the
+    test ends. ``replay=False``: engines without a replay endpoint."""
     assert (QWEN / "tokenizer.json").exists(), "run `make tokenizer` (make test does) first"
     async with contextlib.AsyncExitStack() as stack:
 
@@ -401,6 +435,9 @@ async def start_fleet() -> AsyncIterator[StartFleet]:
             servers: int = 1,
             metrics: bool = True,
             time_model: TimeModel | None = None,
+            replay: bool = True,
+            limits: Limits | None = None,
+            scoring: ScoringSettings | None = None,
             **server: Any,
         ) -> Fleet:
             ipc = stack.enter_context(tempfile.TemporaryDirectory(prefix="ic-e2e-"))
@@ -415,13 +452,13 @@ async def start_fleet() -> AsyncIterator[StartFleet]:
                         num_gpu_blocks=512,
                         max_model_len=4096,
                         kv_events_endpoint=f"ipc://{ipc}/e{i}-events",
-                        replay_endpoint=f"ipc://{ipc}/e{i}-replay",
+                        replay_endpoint=f"ipc://{ipc}/e{i}-replay" if replay else None,
                         time_model=time_model or TimeModel(),
                     )
                 )
                 stack.push_async_callback(r.close)
                 running.append(r)
-            cfg = server_config(running, metrics=metrics, **server)
+            cfg = server_config(running, metrics=metrics, limits=limits, scoring=scoring, **server)
             started = []
             for _ in range(servers):
                 srv = Server(cfg)
@@ -434,7 +471,7 @@ async def start_fleet() -> AsyncIterator[StartFleet]:
             rewritten = envoy.loopback(shipped, extproc=extproc, engines=engine_addresses)
             proxy = await stack.enter_async_context(envoy.EnvoyProcess(rewritten))
             session = await stack.enter_async_context(aiohttp.ClientSession())
-            fleet = Fleet(running, started, proxy, session, stack)
+            fleet = Fleet(running, started, proxy, session, stack, replay)
             await fleet.connect()
             return fleet
 
