@@ -17,6 +17,7 @@ bound), TTFT mean/p90/p99 in virtual seconds and p90 over round robin's, ``imbal
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -54,6 +55,12 @@ KEYS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=trace.WORKLOADS, default="mooncake")
     p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake FAST'25 JSONL")
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        default=trace.MOONCAKE_BLOCK_TOKENS,
+        help="engine block size for --workload mooncake (divides 512; each hash_id is split)",
+    )
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--capacity-tokens", type=int, default=300_000, help="KV cache per replica")
     p.add_argument("--speedup", type=float, default=1.0, help="arrival times divided by this")
@@ -69,7 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_workload(args: argparse.Namespace) -> trace.Workload:
     if args.workload == "mooncake":
-        return trace.load_mooncake(args.trace, limit=args.limit, speedup=args.speedup)
+        return trace.load_mooncake(
+            args.trace, limit=args.limit, speedup=args.speedup, block_tokens=args.block_tokens
+        )
     return trace.generate(args.workload, args.seed, limit=args.limit, speedup=args.speedup)
 
 
@@ -147,6 +156,10 @@ def run_all(
     pooled = sim.pooled_lru_hit_ratio(workload, replicas * engine.capacity_tokens)
     rows, results = [], {}
     for name in chosen:
+        # Earlier routers' garbage and the workload out of the cyclic GC, as `serve` freezes
+        # its long-lived state: otherwise the later routers' decision p99 is GC pauses.
+        gc.collect()
+        gc.freeze()
         res = sim.simulate(
             workload, table[name], replicas=replicas, engine=engine, signals=signals, seed=seed
         )
@@ -163,6 +176,7 @@ def run_all(
                 pooled=pooled,
             )
         )
+    gc.unfreeze()
     compare(rows)
     return rows, results
 

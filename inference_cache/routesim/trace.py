@@ -54,8 +54,16 @@ class Workload:
     requests: tuple[Request, ...]
 
 
-def load_mooncake(path: Path, *, limit: int | None = None, speedup: float = 1.0) -> Workload:
-    """A Mooncake FAST'25 JSONL trace; timestamps divided by ``speedup``."""
+def load_mooncake(
+    path: Path, *, limit: int | None = None, speedup: float = 1.0, block_tokens: int = MOONCAKE_BLOCK_TOKENS
+) -> Workload:
+    """A Mooncake FAST'25 JSONL trace; timestamps divided by ``speedup``. ``block_tokens``
+    (a divisor of 512) splits each ``hash_id`` into ``512 / block_tokens`` engine blocks
+    ``(id, j)`` (``research/benchmarks.md`` §4.3): equal ids give equal sub-blocks, and the full
+    sub-blocks of a partial last 512-token block are reusable by a later request extending it."""
+    if block_tokens <= 0 or MOONCAKE_BLOCK_TOKENS % block_tokens:
+        raise ValueError(f"block tokens must divide {MOONCAKE_BLOCK_TOKENS}, got {block_tokens}")
+    per_id = MOONCAKE_BLOCK_TOKENS // block_tokens
     requests: list[Request] = []
     with path.open(encoding="utf-8") as f:
         for line in f:
@@ -65,17 +73,18 @@ def load_mooncake(path: Path, *, limit: int | None = None, speedup: float = 1.0)
                 continue
             row = json.loads(line)
             n = int(row["input_length"])
-            ids = row["hash_ids"][: n // MOONCAKE_BLOCK_TOKENS]
+            blocks = n // block_tokens
+            ids = [int(h) * per_id + j for h in row["hash_ids"] for j in range(per_id)][:blocks]
             requests.append(
                 Request(
                     arrival_s=float(row["timestamp"]) / 1000.0 / speedup,
                     input_tokens=n,
                     output_tokens=int(row["output_length"]),
-                    blocks=tuple(int(h) for h in ids),
+                    blocks=tuple(ids),
                 )
             )
     requests.sort(key=lambda r: r.arrival_s)  # stable: line order on ties
-    return Workload("mooncake", MOONCAKE_BLOCK_TOKENS, tuple(requests))
+    return Workload("mooncake", block_tokens, tuple(requests))
 
 
 Segment = tuple[str, int]

@@ -25,6 +25,21 @@ def test_mooncake_keeps_full_blocks_sorts_by_time_and_applies_speedup(tmp_path: 
     assert len(trace.load_mooncake(path, limit=1).requests) == 1
 
 
+def test_mooncake_ids_split_into_engine_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    rows = [
+        {"timestamp": 0, "input_length": 1000, "output_length": 1, "hash_ids": [0, 7]},
+        {"timestamp": 1, "input_length": 1024, "output_length": 1, "hash_ids": [0, 7]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = trace.load_mooncake(path, block_tokens=128).requests
+    # 1000 tokens: 7 full 128-token blocks, the first 3 of id 7's four; the longer prompt reuses them.
+    assert a.blocks == (0, 1, 2, 3, 28, 29, 30)
+    assert b.blocks == (*a.blocks, 31)
+    with pytest.raises(ValueError, match="divide"):
+        trace.load_mooncake(path, block_tokens=100)
+
+
 def test_chained_blocks_are_equal_exactly_as_long_as_the_prefix_is() -> None:
     a = trace.chain_blocks([("sys", 40), ("q1", 30)], 16)
     b = trace.chain_blocks([("sys", 40), ("q2", 30)], 16)
