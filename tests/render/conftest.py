@@ -27,3 +27,8 @@ def load(name: str) -> PromptTokenizer:
 @pytest.fixture(params=sorted(TOKENIZERS), scope="module")
 def tokenizer(request: pytest.FixtureRequest) -> PromptTokenizer:
     return load(request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen() -> PromptTokenizer:
+    return load("qwen")

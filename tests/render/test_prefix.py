@@ -17,7 +17,6 @@ from inference_cache.index.fingerprint import chain_keys
 from inference_cache.render import RenderError, TemplateSpec, render, stable_prefix
 from inference_cache.render.prefix import safe_prefix_ids
 from inference_cache.tokenizer import PromptTokenizer
-from tests.render.conftest import load
 
 TEXT = TemplateSpec.from_dict(
     {
@@ -113,10 +112,10 @@ def _assert_prefix_of_every_rendering(
         assert chain_keys(full, block_size)[: len(sp.block_keys)] == list(sp.block_keys)
 
 
-def test_qwen_regex_can_change_the_pre_token_before_the_last() -> None:
+def test_qwen_regex_can_change_the_pre_token_before_the_last(qwen: PromptTokenizer) -> None:
     """``\\s*[\\r\\n]+`` re-splits ``"  \\n"`` when a line break follows: dropping only the
     last pre-token (``"  "``) would keep a token the full prompt does not have."""
-    tok = load("qwen")
+    tok = qwen
     stable = "x  \n  "
     naive = tok.encode(stable, add_special_tokens=False)[:-1]
     assert tok.encode(stable + "\n", add_special_tokens=False)[: len(naive)] != naive
