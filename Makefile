@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index bench-extproc compose-test clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index bench-extproc bench-recovery compose-test clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -100,6 +100,9 @@ bench: bench-index bench-extproc
 
 bench-index: venv
 	$(VENV)/bin/inference-cache bench index --json bench-index.json
+
+bench-recovery: venv tokenizer envoy
+	$(VENV)/bin/inference-cache bench recovery --rounds 3 --json recovery.json
 
 bench-extproc: venv tokenizer envoy
 	$(VENV)/bin/inference-cache bench extproc --json bench-extproc.json

@@ -155,6 +155,9 @@ class EndpointPicker:
         )
         self.speculative = speculative.SpeculativeIndex(ttl_s=s.speculative_ttl_s, clock=clock)
         self.approx = approx.ApproxIndex(clock=clock)
+        # An engine restart or resync clears its blocks in the index; our guesses of what it
+        # would cache (speculative entries) go with them.
+        index.add_clear_listener(lambda rid, _model, _tenant: self.speculative.forget(rid))
         self._rr = itertools.count()
         tokenizers = tokenizers or {}
         self.routes: dict[str, Route] = {}

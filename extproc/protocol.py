@@ -551,6 +551,9 @@ class _Stream:
             self._report(self._body_mode(), "abandoned", 0)
         found = self._reader.usage(complete=False) if self._reader is not None else None
         self._finish(picking.Outcome(False, self._status, self._served, found))
+        # gRPC may hold the call context (and its done-callback, hence this stream) a while
+        # after the RPC: keep only a small shell alive.
+        self._headers, self._chunks, self._reader, self._subset = {}, [], None, None
 
     def _finish(self, outcome: picking.Outcome) -> None:
         decision, self._decision = self._decision, None

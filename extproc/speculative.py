@@ -93,6 +93,20 @@ class SpeculativeIndex:
         """Like :meth:`match`, in tokens: matched blocks x the ``tokens_per_block`` recorded."""
         return {rid: tokens for rid, (_blocks, tokens) in self._walk(scope_key, keys).items()}
 
+    def forget(self, replica_id: str) -> None:
+        """Drop every entry of ``replica_id`` (its engine restarted or resynced: what we
+        guessed it would cache is gone). O(entries); rare."""
+        removed = 0
+        for scope_key, holders in list(self._scopes.items()):
+            for key, held in list(holders.items()):
+                if held.pop(replica_id, None) is not None:
+                    removed += 1
+                    if not held:
+                        del holders[key]
+            if not holders:
+                del self._scopes[scope_key]
+        self._entries -= removed
+
     def sweep(self) -> int:
         """Drop every expired entry now; returns how many were dropped."""
         before = self._entries

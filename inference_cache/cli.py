@@ -28,6 +28,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "inference_cache.routesim.bench",
         "trace-replay simulation: routing quality of ours vs peer routers",
     ),
+    "recovery": (
+        "inference_cache.reliability",
+        "recovery times after faults: engine restart, dropped batches, server restart, stall",
+    ),
     "extproc": (
         "inference_cache.extproc.bench",
         "decision latency and requests/s of the ext_proc picker through a real Envoy",

@@ -151,3 +151,15 @@ def test_content_format_detection() -> None:
         == "openai"
     )
     assert detect_content_format("{% for p in content %}{% endfor %}") == "openai"
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_long_texts_release_the_gil_and_tokenize_alike(add_special_tokens: bool) -> None:
+    """Above ``GIL_RELEASE_CHARS`` ``encode`` goes through ``encode_batch``: same ids."""
+    from inference_cache import tokenizer as tokenizer_mod
+
+    tok = PromptTokenizer.load(TINY_TOKENIZER)
+    text = "<|im_start|>user\nthe quick brown fox jumps over the lazy dog<|im_end|>\n" * 200
+    assert len(text) > tokenizer_mod.GIL_RELEASE_CHARS
+    direct = tok.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    assert tok.encode(text, add_special_tokens=add_special_tokens) == direct

@@ -225,6 +225,18 @@ async def test_a_burst_of_one_cold_prefix_sticks_before_any_event_arrives() -> N
         assert (await pick(p, request(chat_body(LONG)))).endpoints == first.endpoints
 
 
+async def test_a_cleared_replica_loses_its_speculative_entries() -> None:
+    p, index = make_picker(debug_header=True)
+    first = await pick(p, request(chat_body(LONG)))
+    chosen = first.endpoints[0]
+    p.finished(first, Outcome(response_complete=True))
+    index.replica_cleared(chosen, model=MODEL, tenant="t")  # its engine restarted
+    d = await pick(p, request(chat_body(LONG)))
+    assert d.debug is not None
+    assert all(r["matched_tokens"] == 0 for r in json.loads(d.debug)["ranked"])
+    assert p.speculative.size == len(fingerprint.chain_keys(chat_ids(LONG), BS))  # only d's
+
+
 async def test_cold_prefixes_spread() -> None:
     p, _ = make_picker()
     chosen = set()
