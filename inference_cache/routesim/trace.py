@@ -9,7 +9,8 @@ prefix-chained: equal ids at position ``i`` mean the whole prefix up to block ``
 so its KV can be reused (a partial last block is never cached, as in vLLM).
 
 - ``mooncake``: the FAST'25 JSONL (``timestamp`` ms, ``input_length``, ``output_length``,
-  ``hash_ids``; one id = 512 tokens, already prefix hashes). Arrivals in line order on ties.
+  ``hash_ids``; one id = 512 tokens, already prefix hashes), optionally split into smaller
+  engine blocks. Arrivals in line order on ties.
 - ``shared_prefix``: groups x a long system prompt x questions, Poisson arrivals, shuffled
   (llm-d's published benchmark: 150 groups x 5 prompts, 6000/1200/1000 tokens).
 - ``multiturn``: sessions whose prompt is the whole history (a shared system prompt, then
