@@ -66,6 +66,8 @@ from inference_cache.proto import pb, pb_grpc
 
 log = logging.getLogger("inference_cache.serve")
 
+#: Seconds between sweeps of the picker's expired speculative entries.
+PICKER_SWEEP_INTERVAL_S = 1.0
 #: Seconds in-flight RPCs get to finish on shutdown (the HTTP servers get the same).
 SHUTDOWN_GRACE_S = 5.0
 
@@ -594,6 +596,7 @@ class Server:
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(), name=f"endpoint:{e.address}"))
         self._tasks.append(asyncio.create_task(self._sweep_ticker(), name="index-sweep"))
+        self._tasks.append(asyncio.create_task(self._picker_ticker(), name="picker-sweep"))
         if self._freeze_gc:
             freeze_long_lived()
         self.addresses = BoundAddresses(
@@ -606,11 +609,16 @@ class Server:
         self.metrics.up.set(1)
         return self.addresses
 
+    async def _picker_ticker(self) -> None:
+        """Expired speculative entries go off the request path, once a second."""
+        while True:
+            await asyncio.sleep(PICKER_SWEEP_INTERVAL_S)
+            self.picker.sweep()
+
     async def _sweep_ticker(self) -> None:
         while True:
             await asyncio.sleep(self.index.settings.sweep_interval_s)
             self.index.sweep()
-            self.picker.sweep()
             if self._freeze_gc:
                 freeze_long_lived()
 

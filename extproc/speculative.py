@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 
 Clock = Callable[[], float]
+#: Expired recordings ``record`` drops per call (the rest wait for ``sweep``).
+RECORD_EXPIRY_BUDGET = 2
 #: block key -> replica -> (expires at, tokens per block)
 _Holders = dict[bytes, dict[str, tuple[float, int]]]
 
@@ -64,7 +66,7 @@ class SpeculativeIndex:
         if not keys:
             return
         now = self._clock()
-        self._expire(now)
+        self._expire(now, RECORD_EXPIRY_BUDGET)
         holders = self._scopes.get(scope_key)
         if holders is None:
             holders = self._scopes[scope_key] = {}
@@ -132,10 +134,17 @@ class SpeculativeIndex:
             out[rid] = (blocks, blocks * per_block)
         return out
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, budget: int | None = None) -> None:
+        """Drop expired recordings, oldest first; at most ``budget`` of them (``None``: all).
+
+        ``record`` drops only a few per call, so the request path never pays for a whole
+        burst's worth of expired entries at once (``sweep`` takes the rest); expired
+        entries never match either way."""
         recordings = self._recordings
-        while recordings and recordings[0][0] <= now:
+        while recordings and recordings[0][0] <= now and (budget is None or budget > 0):
             self._drop_oldest()
+            if budget is not None:
+                budget -= 1
 
     def _drop_oldest(self) -> None:
         """Forget the oldest recording: each of its entries unless a later one refreshed it."""
