@@ -3,18 +3,31 @@
 We test: which objects each ``spec.gateway`` mode and option yields and what lands in
 ``status.gateway`` (emitted/skipped with reasons, never an exception), the fields that
 carry our contract (endpoint picker, body mode, fail-open rules, metadata namespaces,
-endpoint override header, owner references, labels). Nothing is mocked: the functions
-are pure.
+endpoint override header, owner references, labels), and that every emitted object, and
+HTTPRoutes that use them, pass the upstream CRDs (structural schema + CEL, through
+``crd_validate``) the way a kube-apiserver would admit them. Nothing is mocked: the
+functions are pure.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from inference_cache.operator import gateway as gw
+
+from . import crd_validate as cv
+
+CRDS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "crds"
+POOL_CRD = CRDS / "gaie" / "inference.networking.k8s.io_inferencepools.v1.main.yaml"
+POOL_CRD_V1_0 = CRDS / "gaie" / "inference.networking.k8s.io_inferencepools.v1.v1.0.0.yaml"
+EEP_CRD = CRDS / "envoy-gateway" / "gateway.envoyproxy.io_envoyextensionpolicies.main.yaml"
+BTP_CRD = CRDS / "envoy-gateway" / "gateway.envoyproxy.io_backendtrafficpolicies.main.yaml"
+HTTPROUTE_CRD = CRDS / "gateway-api" / "gateway.networking.k8s.io_httproutes.standard.v1.6.1.yaml"
 
 SETTINGS = gw.GatewaySettings(service_name="inference-cache", service_namespace="llm")
 OTHER_NS = gw.GatewaySettings(service_name="inference-cache", service_namespace="inference-cache-system")
@@ -339,3 +352,107 @@ def test_input_is_not_mutated_and_output_is_not_shared() -> None:
     plan = gw.desired_gateway_objects(cr, SETTINGS, ALL_CRDS)
     plan.objects[0]["spec"]["selector"]["matchLabels"]["extra"] = "x"
     assert cr == before
+
+
+# ---- the objects against the upstream CRDs -------------------------------------------------
+
+
+@functools.cache
+def crd(path: Path) -> dict[str, Any]:
+    return cv.load_crd(path)
+
+
+#: The CRDs each emitted kind must pass: the InferencePool both Inference Extension main
+#: (v1.6+) and v1.0.0, the first v1 release that gateways may still ship.
+SCHEMAS = {
+    "InferencePool": (POOL_CRD, POOL_CRD_V1_0),
+    "EnvoyExtensionPolicy": (EEP_CRD,),
+    "BackendTrafficPolicy": (BTP_CRD,),
+}
+
+VALIDATED = [
+    pytest.param(POOL, SETTINGS, id="pool"),
+    pytest.param({**POOL, "failOpen": False}, SETTINGS, id="pool-fail-close"),
+    pytest.param(EG, SETTINGS, id="eg"),
+    pytest.param(EG, OTHER_NS, id="eg-server-other-namespace"),
+    pytest.param({**EG, "failOpen": False}, SETTINGS, id="eg-fail-closed"),
+    pytest.param({**EG, "responseProcessing": True, "messageTimeout": "1m30s"}, SETTINGS, id="eg-response"),
+    pytest.param({**EG, "bodyMode": "FullDuplexStreamed", "failOpen": False}, SETTINGS, id="eg-full-duplex"),
+    pytest.param(
+        {**EG, "bodyMode": "FullDuplexStreamed", "responseProcessing": True},
+        SETTINGS,
+        id="eg-full-duplex-default-fail-open",
+    ),
+]
+
+
+@pytest.mark.parametrize(("gateway", "settings"), VALIDATED)
+def test_emitted_objects_pass_the_upstream_crds(
+    gateway: dict[str, Any], settings: gw.GatewaySettings
+) -> None:
+    plan = gw.desired_gateway_objects(backend(gateway), settings, ALL_CRDS)
+    assert plan.objects
+    for obj in plan.objects:
+        for path in SCHEMAS[obj["kind"]]:
+            assert cv.validate(obj, crd(path)) == [], f"{obj['kind']} vs {path.name}"
+
+
+def test_several_target_ports_need_a_pool_newer_than_v1_0() -> None:
+    (pool,) = gw.desired_gateway_objects(
+        backend({**POOL, "targetPorts": list(range(8000, 8008))}), SETTINGS, ALL_CRDS
+    ).objects
+    assert cv.validate(pool, crd(POOL_CRD)) == []
+    assert any("targetPorts" in error for error in cv.validate(pool, crd(POOL_CRD_V1_0)))
+
+
+def test_the_crd_would_reject_fail_open_with_full_duplex() -> None:
+    """Why ``failOpen`` is left out with FullDuplexStreamed: the CEL rule the CRD carries."""
+    plan = gw.desired_gateway_objects(backend({**EG, "bodyMode": "FullDuplexStreamed"}), SETTINGS, ALL_CRDS)
+    (policy,) = (obj for obj in plan.objects if obj["kind"] == "EnvoyExtensionPolicy")
+    assert cv.validate(policy, crd(EEP_CRD)) == []
+    forced = copy.deepcopy(policy)
+    forced["spec"]["extProc"][0]["failOpen"] = True
+    assert cv.validate(forced, crd(EEP_CRD)) == [
+        "spec.extProc[0]: If FullDuplexStreamed body processing mode is used, FailOpen must be false."
+    ]
+
+
+def httproute(backend_ref: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "llm", "namespace": "llm"},
+        "spec": {
+            "parentRefs": [{"name": "inference-gateway"}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v1/"}}],
+                    "backendRefs": [backend_ref],
+                }
+            ],
+        },
+    }
+
+
+def test_an_httproute_can_use_the_pool() -> None:
+    (pool,) = gw.desired_gateway_objects(backend(POOL), SETTINGS, ALL_CRDS).objects
+    group = pool["apiVersion"].partition("/")[0]
+    route = httproute({"group": group, "kind": pool["kind"], "name": pool["metadata"]["name"]})
+    assert cv.validate(route, crd(HTTPROUTE_CRD)) == []
+
+
+def test_the_policies_target_an_httproute_that_validates() -> None:
+    plan = gw.desired_gateway_objects(backend(EG), SETTINGS, ALL_CRDS)
+    route = httproute({"name": "vllm", "port": 8000})
+    assert cv.validate(route, crd(HTTPROUTE_CRD)) == []
+    for policy in plan.objects:
+        assert policy["spec"]["targetRefs"] == [
+            {"group": "gateway.networking.k8s.io", "kind": route["kind"], "name": route["metadata"]["name"]}
+        ]
+
+
+def test_an_httproute_naming_a_service_without_port_fails() -> None:
+    """The HTTPRoute check can fail: a Service backend without a port breaks a CEL rule."""
+    assert cv.validate(httproute({"name": "vllm"}), crd(HTTPROUTE_CRD)) == [
+        "spec.rules[0].backendRefs[0]: Must have port for Service reference"
+    ]
