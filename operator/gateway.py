@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypedDict
+from typing import Any, Final, TypedDict
 
 #: CRD names (``metadata.name`` of the CustomResourceDefinition) we emit objects of.
 INFERENCE_POOL_CRD: Final = "inferencepools.inference.networking.k8s.io"
@@ -54,9 +54,6 @@ LABEL_MANAGED_BY: Final = "inference-cache-controller"
 _DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
 #: InferencePool ``spec.targetPorts`` bounds (GAIE v1.1+; v1.0.0 allowed a single port).
 _MAX_TARGET_PORTS: Final = 8
-
-GatewayMode = Literal["None", "InferencePool", "EnvoyGateway"]
-BodyMode = Literal["Buffered", "FullDuplexStreamed"]
 
 
 class Emitted(TypedDict):
