@@ -34,6 +34,19 @@ LookupRoute inputs, first match wins (the original's later dual-input path):
    hash-keyed lookups only. No ready endpoint, an unknown model, or a model without a
    tokenizer (``prompt_text``) is ``NO_HINT``.
 
+RenderTemplate (issue #8; ``docs/templates.md``): ``template_ref`` (``namespace/name``) is
+looked up in the ``TemplateStore`` from the caller's namespace (``tenant_id``, else the
+tenant of ``model_id``'s endpoints); a template that does not exist or is not usable from
+it is ``TEMPLATE_NOT_FOUND`` (every other field empty). Variables that do not fit
+(``render.RenderError``) are ``RENDER_ERROR`` with ``template_revision`` set. Otherwise
+``OK``: ``rendered_prompt`` (the text, or the JSON array of the chat messages) and
+``template_revision``; when ``model_id`` is a configured model with a tokenizer, also the
+stable prefix keyed for it (``stable_block_hashes``, ``stable_prefix_hash`` = the last of
+them, ``stable_token_count``; computed in a worker thread, cached by the store). Without
+``model_id``, or for a model without a tokenizer, the keys are empty: the original's
+contract (an empty ``stable_prefix_hash`` means "hash the prompt yourself"). A chat the
+model's chat template cannot render is ``RENDER_ERROR``.
+
 Deadlines: the tenant policy's ``lookupTimeoutMs`` and the caller's gRPC deadline bound the
 call (``prompt_text`` without either: 5 s, as the original). Tokenization runs in a worker
 thread and is abandoned at the deadline. The index lookup is CPU-bound and runs inline on
@@ -70,9 +83,11 @@ from typing import Any
 
 import grpc
 
+from inference_cache import render
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.config import Config
 from inference_cache.extproc import auth
+from inference_cache.extproc import templates as templates_mod
 from inference_cache.extproc.metrics import ServerMetrics
 from inference_cache.extproc.picker import EndpointPicker
 from inference_cache.extproc.scoring import score_value
@@ -93,6 +108,10 @@ TIMEOUT = "TIMEOUT"
 PREFIX_MATCH = "PREFIX_MATCH"
 #: Token-keyed answers whose chosen replica holds less than ``minimumMatchedTokens``.
 LEAST_LOADED = "LEAST_LOADED"
+#: RenderTemplate's reason codes.
+OK = "OK"
+TEMPLATE_NOT_FOUND = "TEMPLATE_NOT_FOUND"
+RENDER_ERROR = "RENDER_ERROR"
 
 
 #: Given the ``authorization`` metadata value (``None`` when absent), decide; the result
@@ -217,8 +236,10 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
         stream_queue_size: int = 1024,
         metrics_interval_s: float = 10.0,
         picker: EndpointPicker | None = None,
+        templates: templates_mod.TemplateStore | None = None,
     ) -> None:
         self._picker = picker
+        self._templates = templates
         self._index = index
         self._policies = policies
         self._config = config
@@ -256,10 +277,41 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
     async def RenderTemplate(
         self, request: pb.RenderTemplateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RenderTemplateResponse:
-        """Fail-open stub: ``OK`` with every other field empty (the caller hashes the raw
-        prompt itself)."""
         await self._read_gate(context)
-        return pb.RenderTemplateResponse(reason_code="OK")
+        route = self._picker.routes.get(request.model_id) if self._picker and request.model_id else None
+        namespace = request.tenant_id or (route.tenant if route is not None else "")
+        store_ = self._templates
+        found = store_.lookup(request.template_ref, namespace) if store_ is not None else None
+        if store_ is None or found is None:
+            return pb.RenderTemplateResponse(reason_code=TEMPLATE_NOT_FOUND)
+        variables = dict(request.variables)
+        try:
+            rendered = render.render(found.spec, variables, max_value_bytes=MAX_PROMPT_TEXT_BYTES)
+        except render.RenderError:
+            return pb.RenderTemplateResponse(reason_code=RENDER_ERROR, template_revision=found.revision)
+        response = pb.RenderTemplateResponse(
+            reason_code=OK,
+            rendered_prompt=templates_mod.rendered_json(rendered).encode(),
+            template_revision=found.revision,
+        )
+        if route is None or route.tokenizer is None:
+            return response
+        try:
+            prefix = await asyncio.to_thread(
+                store_.stable_keys,
+                found,
+                route.tokenizer.tokenizer,
+                model=route.model.name,
+                block_size=route.model.block_size,
+                variables=variables,
+                max_value_bytes=MAX_PROMPT_TEXT_BYTES,
+            )
+        except (render.TemplateError, tokenizer_mod.TemplateError):
+            return pb.RenderTemplateResponse(reason_code=RENDER_ERROR, template_revision=found.revision)
+        response.stable_block_hashes.extend(prefix.block_keys)
+        response.stable_prefix_hash = prefix.last_key
+        response.stable_token_count = prefix.token_count
+        return response
 
     async def LookupPDRoute(
         self, request: pb.LookupPDRouteRequest, context: grpc.aio.ServicerContext[Any, Any]

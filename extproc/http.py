@@ -4,7 +4,8 @@ Owner: ``inference_cache.extproc``. The composition root (``extproc.serve``) bui
 apps and runs them on ``--http-bind-address`` (public) and ``--snapshot-bind-address``
 (controller-only, behind a NetworkPolicy and ServiceAccount auth). This module knows
 nothing about the index: it gets the ``/snapshot`` body from ``snapshot_json`` (the index's
-pure encoder), readiness from ``is_ready``, and writes ``/policy`` into the ``PolicyStore``.
+pure encoder), readiness from ``is_ready``, writes ``/policy`` into the ``PolicyStore`` and
+``/templates`` into the ``TemplateStore``.
 
 Public (the original's ``:8080``)::
 
@@ -17,6 +18,8 @@ auth is disabled); authentication runs before the method check, as in the origin
 
     /snapshot  GET only (405, Allow: GET)        200 application/json; encoder error -> 500
     /policy    POST|PUT (405, Allow: POST, PUT)  204; body > 1 MiB or undecodable -> 400
+    /templates PUT only (405, Allow: PUT)        204 (replace-on-write); body > 1 MiB or
+               undecodable -> 400 with the path and message (``templates.decode``)
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 
 from inference_cache.extproc import auth, policy_wire
+from inference_cache.extproc import templates as templates_mod
 from inference_cache.index.policy import PolicyStore
 
 #: ``/policy`` body cap (the original's ``http.MaxBytesReader`` limit).
 MAX_POLICY_BODY_BYTES: Final = 1 << 20
+#: ``/templates`` body cap (the same as ``/policy``).
+MAX_TEMPLATES_BODY_BYTES: Final = 1 << 20
 
 Handler = auth.Handler
 
@@ -112,14 +118,34 @@ def policy_handler(store: PolicyStore) -> Handler:
     return policy
 
 
+def templates_handler(store: templates_mod.TemplateStore) -> Handler:
+    async def put_templates(request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            return _text(405, "method not allowed\n", headers={"Allow": "PUT"})
+        body = await _read_capped(request, MAX_TEMPLATES_BODY_BYTES)
+        if body is None:
+            return _text(400, "decode templates: request body too large\n")
+        try:
+            decoded = templates_mod.decode(body)
+        except templates_mod.TemplateDecodeError as e:
+            return _text(400, f"decode templates: {e}\n")
+        store.replace(decoded)
+        return web.Response(status=204)
+
+    return put_templates
+
+
 def build_controller_app(
     *,
     snapshot_json: Callable[[], bytes],
     policies: PolicyStore,
     snapshot_auth: auth.Authenticator | None,
     policy_auth: auth.Authenticator | None,
+    templates: templates_mod.TemplateStore | None = None,
+    templates_auth: auth.Authenticator | None = None,
 ) -> web.Application:
-    """``/snapshot`` and ``/policy``, each behind its own authenticator (``None``: open)."""
+    """``/snapshot``, ``/policy`` and (with a store) ``/templates``, each behind its own
+    authenticator (``None``: open)."""
 
     def guard(authn: auth.Authenticator | None, handler: Handler) -> Handler:
         return handler if authn is None else authn.protect(handler)
@@ -127,4 +153,6 @@ def build_controller_app(
     app = web.Application()
     app.router.add_route("*", "/snapshot", guard(snapshot_auth, snapshot_handler(snapshot_json)))
     app.router.add_route("*", "/policy", guard(policy_auth, policy_handler(policies)))
+    if templates is not None:
+        app.router.add_route("*", "/templates", guard(templates_auth, templates_handler(templates)))
     return app

@@ -63,8 +63,9 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class TemplateRef:
-    """The optional ``"template": {"name": ..., "variables": {...}}`` body field: a named
-    server-side prompt template and its string variables (shape only; rendering is later)."""
+    """The optional ``"template": {"name": ..., "variables": {...}}`` body field (or the
+    ``x-inference-cache-template`` header for the name): a named server-side prompt template
+    (``namespace/name``) and its string variables (shape only; the picker renders it)."""
 
     name: str
     variables: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -104,10 +105,13 @@ def api_of(path: str) -> Api | None:
     return PATHS.get(path.partition("?")[0])
 
 
-def parse(path: str, body: bytes, limits: Limits) -> ParsedRequest:
+def parse(path: str, body: bytes, limits: Limits, *, template_name: str | None = None) -> ParsedRequest:
     """Parse an inference request; raise :class:`Rejection` for anything malformed.
 
     ``path`` must be one :func:`api_of` knows (``ValueError`` otherwise: a caller bug).
+    ``template_name`` is the ``x-inference-cache-template`` header: it names the template
+    when the body's ``template`` field does not (a different name in both is a 400). A
+    templated request (either) needs no ``prompt`` / ``messages``: the picker renders them.
     """
     api = api_of(path)
     if api is None:
@@ -126,7 +130,9 @@ def parse(path: str, body: bytes, limits: Limits) -> ParsedRequest:
     budget = _TextBudget(limits.max_text_bytes)
     stream = _bool(obj, "stream", False)
     cache_salt = _cache_salt(obj)
-    template = _template(obj)
+    template = _template(obj, template_name)
+    if template is not None and obj.get("prompt" if api == "completions" else "messages") is None:
+        return ParsedRequest(api, model, stream, cache_salt, template=template)
     if api == "completions":
         prompts, token_ids = _prompt(obj, limits, budget)
         return ParsedRequest(
@@ -264,10 +270,10 @@ def _cache_salt(obj: Mapping[str, Any]) -> str | None:
     return salt
 
 
-def _template(obj: Mapping[str, Any]) -> TemplateRef | None:
+def _template(obj: Mapping[str, Any], header: str | None) -> TemplateRef | None:
     value = _optional(obj, "template", dict, "an object")
     if value is None:
-        return None
+        return TemplateRef(header) if header else None
     for key in value:
         if key not in ("name", "variables"):
             raise Rejection(
@@ -276,6 +282,9 @@ def _template(obj: Mapping[str, Any]) -> TemplateRef | None:
                 "template",
             )
     name = value.get("name")
+    if header and name is not None and name != header:
+        raise _invalid("template.name", "it differs from the x-inference-cache-template header.")
+    name = header or name
     if name is None:
         raise _missing("template.name")
     if not isinstance(name, str):

@@ -6,6 +6,8 @@ Owner: ``inference_cache.extproc`` (built by ``serve``; called by ``protocol`` f
     PickRequest --openai.parse--> ParsedRequest (400/404/413 as Rejection)
       --resolve model/LoRA--> Route (tenant, endpoints, block size, tokenizer)
       --candidates--> ready endpoints of the model, filtered by the subset hint (503 if none)
+      --templates (a templated request only)--> render the PromptTemplate, rewrite the body
+                                 into a plain OpenAI request (Decision.body), parse that
       --tokenizer--> token ids  (render + prefix-cache probe inline; a long uncached rest
                                  in a worker thread, bounded by the matching deadline)
       --fingerprint.chain_keys--> block keys (salted by cache_salt)
@@ -18,6 +20,14 @@ is approximate (``approx``: character chunks, learned from our own decisions) an
 as such. When matching overruns its deadline the request is routed on load alone
 (counted). ``finished`` closes the in-flight ticket; the protocol's observer compares the
 engine's reported ``usage`` with the prediction.
+
+A templated request (body field ``template`` or header ``x-inference-cache-template``)
+names a PromptTemplate instead of carrying ``prompt`` / ``messages``: the template must be
+usable from the request's namespace (its tenant: the trusted tenant header, else the
+model's endpoints' tenant), else 404 ``template_not_found``; a text template goes to
+``/v1/completions``, a chat template to ``/v1/chat/completions``; bad variables are a 400
+naming ``template.variables.<slot>``. The engine gets the rendered request (``Decision.body``)
+and routing runs on exactly that request.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ import xxhash
 
 from inference_cache import config as config_mod
 from inference_cache import enginestats
+from inference_cache import render as render_mod
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import approx, inflight, openai, scoring, speculative
+from inference_cache.extproc import templates as templates_mod
 from inference_cache.extproc.picking import (
     Decision,
     ErrorKind,
@@ -51,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: Request header naming the tenant whose policy applies (only with ``--tenant-header``).
 TENANT_HEADER = "x-inference-cache-tenant"
+#: Request header naming the PromptTemplate (``namespace/name``) of a templated request.
+TEMPLATE_HEADER = "x-inference-cache-template"
 #: Matching deadline when the tenant's policy sets no ``lookupTimeoutMs``.
 DEFAULT_MATCH_TIMEOUT_MS = 1000
 #: Characters left to tokenize after the prefix cache up to which we tokenize on the event
@@ -142,8 +156,11 @@ class EndpointPicker:
         is_ready: Callable[[str], bool] = lambda _rid: True,
         observer: PickObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        templates: templates_mod.TemplateStore | None = None,
     ) -> None:
         self.settings = settings or PickerSettings()
+        #: The PromptTemplates of templated requests (``None``: every template is unknown).
+        self.templates = templates
         self._index = index
         self._policies = policies
         self._is_ready = is_ready
@@ -196,14 +213,61 @@ class EndpointPicker:
     async def _pick(self, request: PickRequest) -> Decision:
         if openai.api_of(request.path) is None or (request.method == "GET" and not request.body):
             return self._load_only(request)
-        parsed = openai.parse(request.path, request.body, self.settings.limits)
+        limits = self.settings.limits
+        header = request.headers.get(TEMPLATE_HEADER) or None
+        parsed = openai.parse(request.path, request.body, limits, template_name=header)
         route, adapter = self.resolve(parsed.model)
         candidates = self._candidates(route.endpoints, request.subset)
         tenant = self._tenant(route, request.headers)
+        body = None
+        if parsed.template is not None:
+            body = self._render_template(parsed, parsed.template, request.body, tenant)
+            parsed = openai.parse(request.path, body, limits)
         policy = self._policies.policy(tenant)
         prompt = await self._prompt(route, parsed, adapter, policy)
         ranked = self.rank(route, adapter, prompt, candidates)
-        return self._decide(route, adapter, ranked)
+        decision = self._decide(route, adapter, ranked)
+        decision.body = body
+        return decision
+
+    def _render_template(
+        self, parsed: openai.ParsedRequest, ref: openai.TemplateRef, body: bytes, namespace: str
+    ) -> bytes:
+        """A templated request's body rewritten for the engine; ``Rejection`` on any error."""
+        if parsed.prompts or parsed.token_ids or parsed.messages:
+            carried = "prompt" if parsed.api == "completions" else "messages"
+            raise Rejection(
+                ErrorKind.BAD_REQUEST,
+                f"A request names a template or carries '{carried}', not both.",
+                "template",
+            )
+        found = self.templates.lookup(ref.name, namespace) if self.templates is not None else None
+        if found is None:
+            raise Rejection(
+                ErrorKind.TEMPLATE_NOT_FOUND,
+                f"The template `{ref.name}` does not exist or is not usable from namespace `{namespace}`.",
+                "template.name",
+            )
+        if found.spec.is_chat != (parsed.api == "chat"):
+            kind, path = (
+                ("a chat", "/v1/chat/completions") if found.spec.is_chat else ("a text", "/v1/completions")
+            )
+            raise Rejection(
+                ErrorKind.BAD_REQUEST,
+                f"The template `{found.ref}` is {kind} template: send it to {path}.",
+                "template.name",
+            )
+        try:
+            rendered = render_mod.render(
+                found.spec, ref.variables, max_value_bytes=self.settings.limits.max_text_bytes
+            )
+        except render_mod.RenderError as e:
+            raise Rejection(
+                ErrorKind.BAD_REQUEST,
+                f"Invalid 'template.variables.{e.slot}': {e.message} (template `{found.ref}`).",
+                f"template.variables.{e.slot}",
+            ) from e
+        return templates_mod.rewrite(json.loads(body), rendered)
 
     def resolve(self, model: str) -> tuple[Route, str]:
         """Model name (or LoRA adapter name) -> (route, adapter); 404 when unknown."""

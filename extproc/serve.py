@@ -8,7 +8,7 @@ Owner: ``inference_cache.extproc``. ``inference_cache.cli`` maps ``serve`` here
                                                  + server reflection
     grpc.aio server   --producer-bind-address  (optional) the write RPCs only, + health
     aiohttp public    --http-bind-address      /healthz /readyz /metrics
-    aiohttp control   --snapshot-bind-address  /snapshot /policy (ServiceAccount auth)
+    aiohttp control   --snapshot-bind-address  /snapshot /policy /templates (ServiceAccount auth)
     index sweep ticker                          Index.sweep() every sweep_interval_s
     one EndpointWorker per endpoints[] entry    probe + KV events + stats scrape
 
@@ -58,7 +58,7 @@ from inference_cache import __version__ as _version
 from inference_cache import config as config_mod
 from inference_cache import enginestats
 from inference_cache import tokenizer as tokenizer_mod
-from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, tls
+from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, templates, tls
 from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
 from inference_cache.index import policy as policy_mod
 from inference_cache.index import snapshot, store
@@ -89,7 +89,7 @@ ROUTING_MODES = ("cache-aware", "round-robin")
 _FLAG_HELP: dict[str, str] = {
     "grpc_bind_address": "gRPC listen address (':port' = all interfaces)",
     "http_bind_address": "public HTTP listen address: /healthz /readyz /metrics",
-    "snapshot_bind_address": "controller-only HTTP listen address: /snapshot /policy",
+    "snapshot_bind_address": "controller-only HTTP listen address: /snapshot /policy /templates",
     "allowed_controller_sa": "the ServiceAccount allowed on /snapshot and /policy, e.g. "
     "system:serviceaccount:inference-cache-system:inference-cache-controller-manager",
     "insecure_disable_auth": "no auth on /snapshot and /policy (local development only)",
@@ -362,6 +362,17 @@ def load_tokenizers(config: config_mod.Config) -> dict[str, tokenizer_mod.Prompt
     return out
 
 
+def load_templates(config: config_mod.Config) -> list[templates.StoredTemplate]:
+    """The config's ``templates:`` decoded; raises ``ConfigError``."""
+    try:
+        return [
+            templates.build(t.namespace, t.name, t.spec, where=f"templates[{i}]")
+            for i, t in enumerate(config.templates)
+        ]
+    except templates.TemplateDecodeError as exc:
+        raise config_mod.ConfigError(str(exc)) from None
+
+
 def freeze_long_lived() -> None:
     """Collect, then move every surviving object out of the cyclic GC's reach.
 
@@ -400,6 +411,8 @@ class Server:
         self.index = store.Index(index_settings, policies=self.policies, clock=clock)
         self.workers: list[endpoints.EndpointWorker] = []
         self._ready: dict[str, bool] = {}
+        #: PromptTemplates: the config's ``templates:`` until ``PUT /templates`` replaces them.
+        self.templates = templates.TemplateStore(load_templates(config))
         self.metrics = ServerMetrics(
             read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
         )
@@ -418,6 +431,7 @@ class Server:
             tokenizers=tokenizers if tokenizers is not None else load_tokenizers(config),
             is_ready=lambda rid: self._ready.get(rid, True),
             observer=self.metrics.extproc,
+            templates=self.templates,
         )
         self._reviewer = reviewer
         self._clock = clock
@@ -473,6 +487,7 @@ class Server:
             stream_queue_size=self._stream_queue_size,
             metrics_interval_s=self._stream_metrics_interval_s,
             picker=self.picker,
+            templates=self.templates,
         )
 
     async def _grpc_server(
@@ -575,6 +590,8 @@ class Server:
             policies=self.policies,
             snapshot_auth=self._authenticator(lambda r: self.metrics.snapshot_auth.labels(r).inc()),
             policy_auth=self._authenticator(lambda r: self.metrics.policy_auth.labels(r).inc()),
+            templates=self.templates,
+            templates_auth=self._authenticator(lambda _r: None),
         )
         http_addr = await self._http_site(public, s.http_bind_address)
         snapshot_addr = await self._http_site(controller, s.snapshot_bind_address)

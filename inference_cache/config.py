@@ -27,6 +27,10 @@ File layout (every key optional except where noted)::
         replay: tcp://10.0.0.7:5558      # the engine's replay ROUTER endpoint
         topic: ""               # ZMQ subscription prefix ("" = every topic)
         metrics_url: http://10.0.0.7:8000/metrics
+    templates:                  # PromptTemplates outside Kubernetes (docs/templates.md)
+      - namespace: team-a       # required: usable from this tenant (and spec.allowedNamespaces)
+        name: support           # required: requests name it team-a/support
+        spec: {body: "...", slots: [...]}   # a PromptTemplate spec, decoded strictly
 
 Precedence for ``server`` settings: flag > environment (``INFERENCE_CACHE_<KEY>`` upper case)
 > file > default. Decoding is strict: an unknown key or a wrongly typed value is an error that
@@ -47,6 +51,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from inference_cache.extproc import templates as templates_mod
 from inference_cache.extproc.openai import Limits
 from inference_cache.extproc.scoring import ScoringSettings
 
@@ -141,6 +146,16 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateConfig:
+    """A PromptTemplate of the serve config (``PUT /templates`` replaces the whole set)."""
+
+    namespace: str
+    name: str
+    #: The PromptTemplate ``spec`` (``render.TemplateSpec.from_dict`` checks it).
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: tuple[ModelConfig, ...] = ()
@@ -153,6 +168,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     #: The predicted-TTFT cost model (``extproc.scoring.ScoringSettings``).
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    #: PromptTemplates served until the operator (``PUT /templates``) replaces them.
+    templates: tuple[TemplateConfig, ...] = ()
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -188,6 +205,10 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _decode(inner[0], value, path)
+    if origin is dict:  # free-form (a PromptTemplate spec): checked by its own decoder
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        return value
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
@@ -413,3 +434,12 @@ def validate(config: Config) -> None:
                     f"{where}.metrics_url: {e.metrics_url!r} must be an http(s) URL "
                     "(e.g. http://10.0.0.7:8000/metrics)"
                 )
+    refs: dict[tuple[str, str], int] = {}
+    for i, t in enumerate(config.templates):
+        try:
+            templates_mod.build(t.namespace, t.name, t.spec, where=f"templates[{i}]")
+        except templates_mod.TemplateDecodeError as exc:
+            raise ConfigError(str(exc)) from None
+        first = refs.setdefault((t.namespace, t.name), i)
+        if first != i:
+            raise ConfigError(f"templates[{i}]: {t.namespace}/{t.name} is already templates[{first}]")

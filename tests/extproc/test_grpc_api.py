@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import kmock
 import pytest
@@ -24,8 +26,8 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from inference_cache import config
-from inference_cache.extproc import auth, grpc_api, serve
+from inference_cache import config, render
+from inference_cache.extproc import auth, grpc_api, serve, templates
 from inference_cache.index import fingerprint, types
 from inference_cache.index.policy import NamespacePolicy
 from inference_cache.proto import pb, pb_grpc
@@ -486,8 +488,6 @@ async def test_stream_metrics_repeats_every_interval(server: serve.Server) -> No
 
 
 async def test_fail_open_stubs(stub: pb_grpc.InferenceCacheStub) -> None:
-    render = await stub.RenderTemplate(pb.RenderTemplateRequest(template_ref="ns/name", tenant_id="t"))
-    assert render == pb.RenderTemplateResponse(reason_code="OK")
     pd = await stub.LookupPDRoute(pb.LookupPDRouteRequest(model_id=MODEL, prefix_hash=b"p"))
     assert pd == pb.LookupPDRouteResponse(reason_code="NO_HINT")
 
@@ -646,3 +646,177 @@ async def test_grpc_serves_tls_from_the_flag_files(
     async with grpc.aio.secure_channel(srv.addresses.extproc, creds) as ch:
         status = await health_pb2_grpc.HealthStub(ch).Check(extproc_health)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- RenderTemplate ----------------------------------------------------------------------------
+
+MANUAL = "Always answer politely. " * 12
+TEXT_SPEC: dict[str, Any] = {
+    "body": "You are {{.persona}}.\n\n{{.manual}}\n\nQuestion: {{.question}}",
+    "slots": [
+        {"name": "persona", "type": "Stable", "required": True},
+        {"name": "manual", "type": "Stable", "required": True},
+        {"name": "question", "type": "Mutable", "required": True},
+    ],
+    "normalization": "collapse",
+    "allowedNamespaces": ["team-b"],
+}
+CHAT_SPEC: dict[str, Any] = {
+    "messages": [
+        {"role": "system", "body": "You are {{.persona}}.\n\n{{.manual}}"},
+        {"role": "user", "body": "{{.question}}"},
+    ],
+    "slots": [
+        {"name": "persona", "type": "Stable", "required": True},
+        {"name": "manual", "type": "Stable", "required": True},
+        {"name": "question", "type": "Mutable", "required": True},
+    ],
+}
+VARIABLES = {"persona": " a  careful librarian ", "manual": MANUAL, "question": "Where is X?"}
+
+
+async def _template_server(start_server: StartServer, *, tokenizer: bool = True) -> serve.Server:
+    cfg = dataclasses.replace(
+        make_config(endpoints=(config.EndpointConfig(address="127.0.0.1:1", model=MODEL, tenant="team-a"),)),
+        models=(
+            config.ModelConfig(MODEL, block_size=16, tokenizer=str(TINY_TOKENIZER) if tokenizer else None),
+        ),
+        templates=(
+            config.TemplateConfig("team-a", "support", TEXT_SPEC),
+            config.TemplateConfig("team-a", "chat", CHAT_SPEC),
+        ),
+    )
+    srv: serve.Server = await start_server(cfg)
+    return srv
+
+
+async def _render(srv: serve.Server, **kw: Any) -> pb.RenderTemplateResponse:
+    kw.setdefault("variables", VARIABLES)
+    async with grpc.aio.insecure_channel(srv.addresses.grpc) as ch:
+        resp: pb.RenderTemplateResponse = await pb_grpc.InferenceCacheStub(ch).RenderTemplate(
+            pb.RenderTemplateRequest(**kw)
+        )
+    return resp
+
+
+async def test_render_template_text_returns_the_prompt_and_its_stable_keys(start_server: StartServer) -> None:
+    srv = await _template_server(start_server)
+    spec = render.TemplateSpec.from_dict(TEXT_SPEC)
+    resp = await _render(srv, template_ref="team-a/support", tenant_id="team-a", model_id=MODEL)
+    text = render.render(spec, VARIABLES).text
+    assert text is not None
+    assert (resp.reason_code, resp.rendered_prompt.decode()) == ("OK", text)
+    assert resp.template_revision == render.revision(spec)
+    assert resp.tenant_namespace == b""
+    # The stable keys are the leading keys of the full prompt's own keys, and end before
+    # the question.
+    tok = srv.picker.routes[MODEL].tokenizer
+    assert tok is not None
+    ids = tok.tokenizer.encode(text)
+    keys = list(resp.stable_block_hashes)
+    assert len(keys) >= 3
+    assert keys == fingerprint.chain_keys(ids, 16)[: len(keys)]
+    assert resp.stable_token_count < len(ids)
+    assert resp.stable_prefix_hash == keys[-1]
+    assert len(keys) * 16 <= resp.stable_token_count < len(keys) * 16 + 16
+    # Another question, same stable values (after normalisation): the same keys, from the cache.
+    again = await _render(
+        srv,
+        template_ref="team-a/support",
+        tenant_id="team-a",
+        model_id=MODEL,
+        variables={**VARIABLES, "persona": "a careful librarian", "question": "Why?"},
+    )
+    assert list(again.stable_block_hashes) == keys
+    assert srv.templates.cached == 1
+
+
+async def test_render_template_chat_returns_the_messages_as_json(start_server: StartServer) -> None:
+    srv = await _template_server(start_server)
+    resp = await _render(srv, template_ref="team-a/chat", model_id=MODEL)  # tenant: the model's
+    messages = json.loads(resp.rendered_prompt)
+    assert resp.reason_code == "OK"
+    assert messages == [
+        {"role": "system", "content": f"You are  a  careful librarian .\n\n{MANUAL}"},
+        {"role": "user", "content": "Where is X?"},
+    ]
+    tok = srv.picker.routes[MODEL].tokenizer
+    assert tok is not None
+    full = fingerprint.chain_keys(tok.tokenizer.encode_chat(messages), 16)
+    keys = list(resp.stable_block_hashes)
+    assert len(keys) >= 3 and keys == full[: len(keys)]
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason", "revision"),
+    [
+        pytest.param(
+            {"template_ref": "team-a/nope", "tenant_id": "team-a"}, "TEMPLATE_NOT_FOUND", False, id="unknown"
+        ),
+        pytest.param(
+            {"template_ref": "team-a/support", "tenant_id": "team-c"},
+            "TEMPLATE_NOT_FOUND",
+            False,
+            id="other-ns",
+        ),
+        pytest.param(
+            {"template_ref": "team-a/chat", "tenant_id": "team-b"},
+            "TEMPLATE_NOT_FOUND",
+            False,
+            id="not-allowed",
+        ),
+        pytest.param({"template_ref": "team-a/support"}, "TEMPLATE_NOT_FOUND", False, id="no-namespace"),
+        pytest.param({"template_ref": "team-a/support", "tenant_id": "team-b"}, "OK", True, id="allowed-ns"),
+        pytest.param({"template_ref": "support", "tenant_id": "team-a"}, "OK", True, id="bare-name"),
+        pytest.param(
+            {"template_ref": "team-a/support", "tenant_id": "team-a", "variables": {"persona": "x"}},
+            "RENDER_ERROR",
+            True,
+            id="missing-required",
+        ),
+        pytest.param(
+            {"template_ref": "team-a/support", "tenant_id": "team-a", "variables": {**VARIABLES, "x": "1"}},
+            "RENDER_ERROR",
+            True,
+            id="unknown-variable",
+        ),
+    ],
+)
+async def test_render_template_reason_codes(
+    start_server: StartServer, kw: dict[str, Any], reason: str, revision: bool
+) -> None:
+    srv = await _template_server(start_server)
+    resp = await _render(srv, **kw)
+    assert resp.reason_code == reason
+    assert resp.template_revision == (
+        render.revision(render.TemplateSpec.from_dict(TEXT_SPEC)) if revision else ""
+    )
+    assert bool(resp.rendered_prompt) == (reason == "OK")
+    assert list(resp.stable_block_hashes) == [] and resp.stable_prefix_hash == b""  # no model_id
+
+
+@pytest.mark.parametrize("tokenizer", [True, False], ids=["unknown-model", "no-tokenizer"])
+async def test_render_template_without_a_tokenizer_renders_without_keys(
+    start_server: StartServer, tokenizer: bool
+) -> None:
+    srv = await _template_server(start_server, tokenizer=tokenizer)
+    model = "other" if tokenizer else MODEL
+    resp = await _render(srv, template_ref="team-a/support", tenant_id="team-a", model_id=model)
+    assert (resp.reason_code, resp.stable_token_count, resp.stable_prefix_hash) == ("OK", 0, b"")
+    assert resp.rendered_prompt.startswith(b"You are a careful librarian.")
+    assert list(resp.stable_block_hashes) == []
+
+
+async def test_render_template_after_put_templates(start_server: StartServer) -> None:
+    srv = await _template_server(start_server)
+    spec = {**TEXT_SPEC, "allowedNamespaces": []}
+    stored = templates.build("team-z", "only", spec)
+    async with aiohttp.ClientSession() as session:
+        url = f"http://{srv.addresses.snapshot}/templates"
+        async with session.put(url, data=templates.encode([stored])) as r:
+            assert r.status == 204
+    assert (await _render(srv, template_ref="team-a/support", tenant_id="team-a")).reason_code == (
+        "TEMPLATE_NOT_FOUND"
+    )
+    resp = await _render(srv, template_ref="team-z/only", tenant_id="team-z")
+    assert (resp.reason_code, resp.template_revision) == ("OK", stored.revision)

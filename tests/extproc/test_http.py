@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, Counter
 
-from inference_cache.extproc import auth, policy_wire
+from inference_cache.extproc import auth, policy_wire, templates
 from inference_cache.extproc import http as ic_http
 from inference_cache.index.policy import NamespacePolicy, PolicyStore, TenantQuota
 
@@ -326,3 +326,143 @@ async def test_auth_runs_before_the_method_check(
     async with authed_controller_client.get("/snapshot", headers=read) as resp:
         assert resp.status == 200
     assert http_reviewer.calls == 1  # the second request was a cache hit
+
+
+# -- controller: /templates ---------------------------------------------------------
+
+TEMPLATE_SPEC = {
+    "body": "You are {{.persona}}. Question: {{.question}}",
+    "slots": [
+        {"name": "persona", "type": "Stable", "required": True},
+        {"name": "question", "type": "Mutable"},
+    ],
+}
+
+
+def _templates_body(*refs: str, spec: dict[str, object] = TEMPLATE_SPEC) -> bytes:
+    return templates.encode([templates.build(*ref.split("/"), spec) for ref in refs])
+
+
+@pytest.fixture()
+def http_template_store() -> templates.TemplateStore:
+    return templates.TemplateStore()
+
+
+@pytest.fixture()
+async def templates_client(
+    http_template_store: templates.TemplateStore, http_reviewer: InProcessReviewer
+) -> AsyncIterator[aiohttp.ClientSession]:
+    app = ic_http.build_controller_app(
+        snapshot_json=lambda: SNAPSHOT_BODY,
+        policies=PolicyStore(),
+        snapshot_auth=None,
+        policy_auth=None,
+        templates=http_template_store,
+        templates_auth=auth.Authenticator(
+            http_reviewer, expected_sa=CONTROLLER_SA, audience=auth.POLICY_AUDIENCE
+        ),
+    )
+    async for client in _serve(app):
+        yield client
+
+
+WRITE = {"Authorization": "Bearer write-token"}
+
+
+async def test_templates_put_replaces_the_store(
+    templates_client: aiohttp.ClientSession, http_template_store: templates.TemplateStore
+) -> None:
+    async with templates_client.put(
+        "/templates", headers=WRITE, data=_templates_body("a/one", "a/two")
+    ) as resp:
+        assert (resp.status, await resp.read()) == (204, b"")
+    assert http_template_store.lookup("a/one", "a") is not None
+    async with templates_client.put("/templates", headers=WRITE, data=_templates_body("b/three")) as resp:
+        assert resp.status == 204
+    assert len(http_template_store) == 1
+    assert http_template_store.lookup("a/one", "a") is None
+    assert http_template_store.lookup("b/three", "b") is not None
+
+
+async def test_templates_needs_the_controller_token_and_put(
+    templates_client: aiohttp.ClientSession, http_template_store: templates.TemplateStore
+) -> None:
+    body = _templates_body("a/one")
+    async with templates_client.put("/templates", data=body) as resp:
+        assert resp.status == 401
+    async with templates_client.put(
+        "/templates", headers={"Authorization": "Bearer read-token"}, data=body
+    ) as resp:
+        assert resp.status == 401  # another audience
+    for method in ("GET", "POST", "DELETE"):
+        async with templates_client.request(method, "/templates", headers=WRITE, data=body) as resp:
+            assert (resp.status, resp.headers["Allow"]) == (405, "PUT"), method
+    assert len(http_template_store) == 0
+
+
+async def test_templates_not_served_without_a_store(open_controller_client: aiohttp.ClientSession) -> None:
+    async with open_controller_client.put("/templates", data=_templates_body("a/one")) as resp:
+        assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"{", "decode templates: not valid JSON", id="json"),
+        pytest.param(b'{"version": 2, "templates": []}', "unsupported templates version 2", id="version"),
+        pytest.param(b'{"version": 1, "templates": [], "x": 1}', "unknown field 'x'", id="unknown-field"),
+        pytest.param(
+            b'{"version": 1, "version": 1, "templates": []}', "duplicate field 'version'", id="duplicate-key"
+        ),
+        pytest.param(
+            b'{"version": 1, "templates": [{"namespace": "a", "name": "x", "spec": {}}]}',
+            "templates[0].revision: required field is missing",
+            id="missing-revision",
+        ),
+        pytest.param(
+            b'{"version": 1, "templates": [{"namespace": "a", "name": "x", "revision": "r",'
+            b' "spec": {"body": "{{.q}}", "slots": []}}]}',
+            "templates[0].spec.body (line 1, column 1): slot 'q' is not declared in spec.slots",
+            id="spec-error",
+        ),
+        pytest.param(
+            _templates_body("a/one").replace(b'"revision": "', b'"revision": "0'),
+            "templates[0].revision: ",
+            id="wrong-revision",
+        ),
+        pytest.param(
+            _templates_body("a/one", "a/one"), "templates[1]: a/one is already templates[0]", id="dup"
+        ),
+        pytest.param(
+            _templates_body("a/one").replace(b'"namespace": "a"', b'"namespace": "A"'),
+            "templates[0].namespace: 'A' is not a namespace name",
+            id="ns",
+        ),
+    ],
+)
+async def test_templates_bad_bodies_are_400_and_leave_the_store(
+    templates_client: aiohttp.ClientSession,
+    http_template_store: templates.TemplateStore,
+    body: bytes,
+    message: str,
+) -> None:
+    http_template_store.replace([templates.build("keep", "me", TEMPLATE_SPEC)])
+    async with templates_client.put("/templates", headers=WRITE, data=body) as resp:
+        text = await resp.text()
+        assert resp.status == 400, text
+        assert text.startswith("decode templates: ") and message in text, text
+    assert http_template_store.lookup("keep/me", "keep") is not None
+
+
+async def test_templates_body_over_1_mib_is_400(
+    templates_client: aiohttp.ClientSession, http_template_store: templates.TemplateStore
+) -> None:
+    spec = {
+        **TEMPLATE_SPEC,
+        "slots": [{**TEMPLATE_SPEC["slots"][0], "description": "x" * (1 << 20)}, TEMPLATE_SPEC["slots"][1]],
+    }  # type: ignore[index, dict-item]
+    async with templates_client.put(
+        "/templates", headers=WRITE, data=io.BytesIO(_templates_body("a/one", spec=spec))
+    ) as resp:
+        assert (resp.status, await resp.text()) == (400, "decode templates: request body too large\n")
+    assert len(http_template_store) == 0

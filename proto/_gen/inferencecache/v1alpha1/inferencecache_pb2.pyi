@@ -54,21 +54,25 @@ class RenderTemplateRequest(_message.Message):
     TEMPLATE_REF_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
     template_ref: _builtins.str
     '"namespace/name" '
     tenant_id: _builtins.str
+    "the caller's namespace (the template must be usable from it)"
+    model_id: _builtins.str
+    'tokens and block size of the stable keys ("" = no keys)'
 
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         ...
 
-    def __init__(self, *, template_ref: _builtins.str=..., variables: _abc.Mapping[_builtins.str, _builtins.str] | None=..., tenant_id: _builtins.str=...) -> None:
+    def __init__(self, *, template_ref: _builtins.str=..., variables: _abc.Mapping[_builtins.str, _builtins.str] | None=..., tenant_id: _builtins.str=..., model_id: _builtins.str=...) -> None:
         ...
     _HasFieldArgType: _TypeAlias = _Never
 
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool:
         ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal['template_ref', b'template_ref', 'tenant_id', b'tenant_id', 'variables', b'variables']
+    _ClearFieldArgType: _TypeAlias = _typing.Literal['model_id', b'model_id', 'template_ref', b'template_ref', 'tenant_id', b'tenant_id', 'variables', b'variables']
 
     def ClearField(self, field_name: _ClearFieldArgType) -> None:
         ...
@@ -85,20 +89,31 @@ class RenderTemplateResponse(_message.Message):
     TENANT_NAMESPACE_FIELD_NUMBER: _builtins.int
     REASON_CODE_FIELD_NUMBER: _builtins.int
     TEMPLATE_REVISION_FIELD_NUMBER: _builtins.int
+    STABLE_BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    STABLE_TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     rendered_prompt: _builtins.bytes
+    'the text, or the JSON array of chat messages'
     stable_prefix_hash: _builtins.bytes
+    'key of the last full stable block ("" = none)'
     tenant_namespace: _builtins.bytes
+    'reserved (HMAC-keyed isolation); always empty'
     reason_code: _builtins.str
     'OK | TEMPLATE_NOT_FOUND | RENDER_ERROR'
     template_revision: _builtins.str
+    stable_token_count: _builtins.int
+    'tokens every rendering starts with'
 
-    def __init__(self, *, rendered_prompt: _builtins.bytes=..., stable_prefix_hash: _builtins.bytes=..., tenant_namespace: _builtins.bytes=..., reason_code: _builtins.str=..., template_revision: _builtins.str=...) -> None:
+    @_builtins.property
+    def stable_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """the stable prefix's block keys, in order"""
+
+    def __init__(self, *, rendered_prompt: _builtins.bytes=..., stable_prefix_hash: _builtins.bytes=..., tenant_namespace: _builtins.bytes=..., reason_code: _builtins.str=..., template_revision: _builtins.str=..., stable_block_hashes: _abc.Iterable[_builtins.bytes] | None=..., stable_token_count: _builtins.int=...) -> None:
         ...
     _HasFieldArgType: _TypeAlias = _Never
 
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool:
         ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal['reason_code', b'reason_code', 'rendered_prompt', b'rendered_prompt', 'stable_prefix_hash', b'stable_prefix_hash', 'template_revision', b'template_revision', 'tenant_namespace', b'tenant_namespace']
+    _ClearFieldArgType: _TypeAlias = _typing.Literal['reason_code', b'reason_code', 'rendered_prompt', b'rendered_prompt', 'stable_block_hashes', b'stable_block_hashes', 'stable_prefix_hash', b'stable_prefix_hash', 'stable_token_count', b'stable_token_count', 'template_revision', b'template_revision', 'tenant_namespace', b'tenant_namespace']
 
     def ClearField(self, field_name: _ClearFieldArgType) -> None:
         ...

@@ -35,8 +35,8 @@ class InferenceCacheServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RenderTemplate(self, request, context):
-        """Renders a PromptTemplate. Fail-open (reason OK, empty fields) until the
-        templates work lands.
+        """Renders a PromptTemplate (text, or the JSON of the chat messages) and keys
+        its stable prefix for model_id. See docs/templates.md.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

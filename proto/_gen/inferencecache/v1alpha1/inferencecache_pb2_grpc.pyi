@@ -43,7 +43,7 @@ class InferenceCacheStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceCacheAsyncStub:
         ...
     RenderTemplate: _grpc.UnaryUnaryMultiCallable[_inferencecache_pb2.RenderTemplateRequest, _inferencecache_pb2.RenderTemplateResponse]
-    'Renders a PromptTemplate. Fail-open (reason OK, empty fields) until the\n    templates work lands.\n    '
+    'Renders a PromptTemplate (text, or the JSON of the chat messages) and keys\n    its stable prefix for model_id. See docs/templates.md.\n    '
     LookupRoute: _grpc.UnaryUnaryMultiCallable[_inferencecache_pb2.LookupRouteRequest, _inferencecache_pb2.LookupRouteResponse]
     'Ranks the replicas of a model for a prompt (hashes, token ids or text).'
     LookupPDRoute: _grpc.UnaryUnaryMultiCallable[_inferencecache_pb2.LookupPDRouteRequest, _inferencecache_pb2.LookupPDRouteResponse]
@@ -61,7 +61,7 @@ class InferenceCacheAsyncStub(InferenceCacheStub):
     def __init__(self, channel: _aio.Channel) -> None:
         ...
     RenderTemplate: _aio.UnaryUnaryMultiCallable[_inferencecache_pb2.RenderTemplateRequest, _inferencecache_pb2.RenderTemplateResponse]
-    'Renders a PromptTemplate. Fail-open (reason OK, empty fields) until the\n    templates work lands.\n    '
+    'Renders a PromptTemplate (text, or the JSON of the chat messages) and keys\n    its stable prefix for model_id. See docs/templates.md.\n    '
     LookupRoute: _aio.UnaryUnaryMultiCallable[_inferencecache_pb2.LookupRouteRequest, _inferencecache_pb2.LookupRouteResponse]
     'Ranks the replicas of a model for a prompt (hashes, token ids or text).'
     LookupPDRoute: _aio.UnaryUnaryMultiCallable[_inferencecache_pb2.LookupPDRouteRequest, _inferencecache_pb2.LookupPDRouteResponse]
@@ -77,8 +77,8 @@ class InferenceCacheServicer(metaclass=_abc_1.ABCMeta):
 
     @_abc_1.abstractmethod
     def RenderTemplate(self, request: _inferencecache_pb2.RenderTemplateRequest, context: _ServicerContext) -> _typing.Union[_inferencecache_pb2.RenderTemplateResponse, _abc.Awaitable[_inferencecache_pb2.RenderTemplateResponse]]:
-        """Renders a PromptTemplate. Fail-open (reason OK, empty fields) until the
-        templates work lands.
+        """Renders a PromptTemplate (text, or the JSON of the chat messages) and keys
+        its stable prefix for model_id. See docs/templates.md.
         """
 
     @_abc_1.abstractmethod
