@@ -252,3 +252,60 @@ def test_data_parallel_ranks_reach_the_subscriber_as_one_replica() -> None:
         (0, "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5657"),
         (1, "tcp://10.0.0.1:5558", "tcp://10.0.0.1:5658"),
     ]
+
+
+TEMPLATES = """
+templates:
+  - namespace: team-a
+    name: support
+    spec:
+      body: "You are {{.persona}}. {{.question}}"
+      slots:
+        - {name: persona, type: Stable, required: true}
+        - {name: question, type: Mutable}
+"""
+
+
+def test_templates_section_reaches_the_server_store() -> None:
+    cfg = config.parse(BASE + TEMPLATES)
+    assert [(t.namespace, t.name) for t in cfg.templates] == [("team-a", "support")]
+    assert cfg.templates[0].spec["slots"][0]["name"] == "persona"
+    (stored,) = serve.load_templates(cfg)
+    assert (stored.ref, stored.spec.is_chat) == ("team-a/support", False)
+    assert config.parse(BASE).templates == ()
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        pytest.param("templates: {}", r"^templates: expected a list of a mapping", id="not-a-list"),
+        pytest.param(
+            "templates: [{namespace: a, name: b}]",
+            r"^templates\[0\]\.spec: required key is missing",
+            id="no-spec",
+        ),
+        pytest.param(
+            "templates: [{namespace: a, name: b, spec: 3}]",
+            r"^templates\[0\]\.spec: expected a mapping",
+            id="spec-type",
+        ),
+        pytest.param(
+            "templates: [{namespace: a, name: b, spec: {body: '{{.x}}'}}]",
+            r"^templates\[0\]\.spec\.body \(line 1, column 1\): slot 'x' is not declared",
+            id="spec-error",
+        ),
+        pytest.param(
+            "templates: [{namespace: A, name: b, spec: {body: x}}]",
+            r"^templates\[0\]\.namespace: 'A' is not a namespace name",
+            id="namespace",
+        ),
+        pytest.param(
+            "templates: [{namespace: a, name: b, spec: {body: x}}, {namespace: a, name: b, spec: {body: y}}]",
+            r"^templates\[1\]: a/b is already templates\[0\]",
+            id="duplicate",
+        ),
+    ],
+)
+def test_templates_rejections_name_the_path(doc: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(doc)

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from inference_cache import config, tokenizer
-from inference_cache.extproc import openai, picker
+from inference_cache import config, render, tokenizer
+from inference_cache.extproc import openai, picker, templates
 from inference_cache.extproc.picking import Decision, ErrorKind, Outcome, PickRequest, Rejection
 from inference_cache.extproc.scoring import ScoringSettings
 from inference_cache.index import fingerprint, policy, store, types
@@ -356,3 +356,190 @@ def test_a_failed_scrape_forgets_the_engine_gauges() -> None:
     p.observe_engine(A, None)
     after = p.inflight.engine(A)
     assert after is None or (after.running, after.waiting) == (None, None)
+
+
+# -- templated requests (issue #8) ----------------------------------------------------------
+
+MANUAL = "Answer from the manual: the quick brown fox jumps over the lazy dog. " * 6
+CHAT_TEMPLATE = {
+    "messages": [
+        {"role": "system", "body": "You are {{.persona}}.\n\n{{.manual}}"},
+        {"role": "user", "body": "{{.question}}"},
+    ],
+    "slots": [
+        {"name": "persona", "type": "Stable", "required": True},
+        {"name": "manual", "type": "Stable", "required": True},
+        {"name": "question", "type": "Mutable", "required": True},
+    ],
+    "normalization": "collapse",
+}
+TEXT_TEMPLATE = {
+    "body": "{{.manual}}\n\nQuestion: {{.question}}",
+    "slots": [{"name": "manual", "type": "Stable"}, {"name": "question", "type": "Mutable"}],
+    "allowedNamespaces": ["u"],
+}
+
+
+def templated_picker(**settings: Any) -> tuple[picker.EndpointPicker, store.Index]:
+    p, index = make_picker(**settings)
+    p.templates = templates.TemplateStore(
+        [
+            templates.build("t", "support", CHAT_TEMPLATE),
+            templates.build("t", "plain", TEXT_TEMPLATE),
+            templates.build("u", "private", TEXT_TEMPLATE),
+        ]
+    )
+    return p, index
+
+
+def templated(question: str, *, name: str | None = "t/support", **fields: Any) -> dict[str, Any]:
+    ref: dict[str, Any] = {"variables": {"persona": " a  librarian", "manual": MANUAL, "question": question}}
+    if name is not None:
+        ref["name"] = name
+    return {"model": MODEL, "template": ref, **fields}
+
+
+def rendered_messages(question: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": f"You are a librarian.\n\n{MANUAL.strip()}"},
+        {"role": "user", "content": question},
+    ]
+
+
+async def test_a_templated_chat_request_is_rendered_rewritten_and_routed_on_the_rendering() -> None:
+    p, index = templated_picker()
+    messages = rendered_messages("Where is the fox?")
+    ids = tokenizer.PromptTokenizer.load(TINY).encode_chat(messages)
+    cache_on(index, B, ids)
+    d = await pick(p, request(templated("Where is the fox?", max_tokens=7, stream=False)))
+    assert d.endpoints == (B,)
+    assert d.predicted_prompt_tokens == len(ids)
+    assert d.body is not None
+    assert json.loads(d.body) == {"model": MODEL, "max_tokens": 7, "stream": False, "messages": messages}
+
+
+async def test_the_stable_prefix_of_a_template_hits_on_the_next_request() -> None:
+    p, index = templated_picker()
+    tok = tokenizer.PromptTokenizer.load(TINY)
+    spec = render.TemplateSpec.from_dict(CHAT_TEMPLATE)
+    stable = render.stable_prefix(spec, tok, BS, variables={"persona": "a librarian", "manual": MANUAL})
+    assert len(stable.block_keys) >= 3
+    first = await pick(p, request(templated("Where is the fox?")))
+    # The engine caches the first prompt and says so (KV events).
+    cache_on(index, first.endpoints[0], tok.encode_chat(rendered_messages("Where is the fox?")))
+    p.finished(first, Outcome(response_complete=True))
+    second = await pick(p, request(templated("And the dog, then?")))
+    assert second.endpoints == first.endpoints
+    assert second.predicted_cached_tokens is not None
+    assert second.predicted_cached_tokens >= len(stable.block_keys) * BS
+
+
+async def test_a_text_template_named_by_the_header_on_completions() -> None:
+    p, _ = templated_picker()
+    body = {"model": MODEL, "template": {"variables": {"manual": "m", "question": "q"}}}
+    headers = {picker.TEMPLATE_HEADER: "t/plain"}
+    d = await pick(p, request(body, path="/v1/completions", headers=headers))
+    assert d.body is not None and json.loads(d.body) == {"model": MODEL, "prompt": "m\n\nQuestion: q"}
+    # The header alone (no template field): every slot is optional here.
+    d = await pick(p, request({"model": MODEL}, path="/v1/completions", headers=headers))
+    assert d.body is not None and json.loads(d.body)["prompt"] == "\n\nQuestion: "
+    # A request without a template is forwarded unchanged.
+    assert (await pick(p, request(chat_body("x")))).body is None
+
+
+async def test_the_tenant_header_picks_the_namespace_when_trusted() -> None:
+    body = {"model": MODEL, "template": {"name": "u/private"}}
+    headers = {picker.TENANT_HEADER: "u"}
+    p, _ = templated_picker()
+    assert (await reject(p, request(body, path="/v1/completions", headers=headers))).status == 404
+    p, _ = templated_picker(tenant_header=True)
+    assert (await pick(p, request(body, path="/v1/completions", headers=headers))).body is not None
+    # u may use t/plain (allowedNamespaces) but not t/support.
+    plain = {"model": MODEL, "template": {"name": "t/plain"}}
+    assert (await pick(p, request(plain, path="/v1/completions", headers=headers))).body is not None
+    assert (await reject(p, request(templated("q"), headers=headers))).kind is ErrorKind.TEMPLATE_NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "headers", "kind", "param"),
+    [
+        pytest.param(
+            templated("q", name="t/nope"),
+            CHAT,
+            {},
+            ErrorKind.TEMPLATE_NOT_FOUND,
+            "template.name",
+            id="unknown",
+        ),
+        pytest.param(
+            templated("q", name="u/private"),
+            CHAT,
+            {},
+            ErrorKind.TEMPLATE_NOT_FOUND,
+            "template.name",
+            id="other-ns",
+        ),
+        pytest.param(
+            templated("q"),
+            "/v1/completions",
+            {},
+            ErrorKind.BAD_REQUEST,
+            "template.name",
+            id="chat-on-completions",
+        ),
+        pytest.param(
+            {"model": MODEL, "template": {"name": "t/plain"}},
+            CHAT,
+            {},
+            ErrorKind.BAD_REQUEST,
+            "template.name",
+            id="text-on-chat",
+        ),
+        pytest.param(
+            {"model": MODEL, "template": {"name": "t/support", "variables": {"persona": "p", "manual": "m"}}},
+            CHAT,
+            {},
+            ErrorKind.BAD_REQUEST,
+            "template.variables.question",
+            id="missing-required",
+        ),
+        pytest.param(
+            templated("q", messages=[{"role": "user", "content": "x"}]),
+            CHAT,
+            {},
+            ErrorKind.BAD_REQUEST,
+            "template",
+            id="both",
+        ),
+        pytest.param(
+            templated("q"),
+            CHAT,
+            {picker.TEMPLATE_HEADER: "t/plain"},
+            ErrorKind.BAD_REQUEST,
+            "template.name",
+            id="header-differs",
+        ),
+        pytest.param(
+            {"model": "nope", "template": {"name": "t/support"}},
+            CHAT,
+            {},
+            ErrorKind.MODEL_NOT_FOUND,
+            "model",
+            id="model",
+        ),
+    ],
+)
+async def test_templated_request_errors(
+    body: dict[str, Any], path: str, headers: dict[str, str], kind: ErrorKind, param: str
+) -> None:
+    p, _ = templated_picker()
+    rejection = await reject(p, request(body, path=path, headers=headers))
+    assert (rejection.kind, rejection.param) == (kind, param)
+    error = json.loads(rejection.body())["error"]
+    assert error["param"] == param and error["message"]
+
+
+async def test_without_a_template_store_every_template_is_unknown() -> None:
+    p, _ = make_picker()
+    rejection = await reject(p, request(templated("q")))
+    assert (rejection.status, json.loads(rejection.body())["error"]["code"]) == (404, "template_not_found")
