@@ -153,6 +153,22 @@ def test_serve_yaml_is_a_valid_config_with_the_image_tokenizer(
     assert f"COPY --from=tokenizer /tokenizers/qwen {model.tokenizer}" in DOCKERFILE
 
 
+def test_serve_yaml_serves_the_models_the_samples_name(install: list[dict[str, Any]]) -> None:
+    (configmap,) = manifests.of_kind(install, "ConfigMap")
+    served = {m.name for m in config_mod.parse(configmap["data"]["serve.yaml"]).models}
+    samples = [
+        doc
+        for path in sorted((manifests.CONFIG / "samples").glob("*.yaml"))
+        for doc in manifests.parse(path.read_text())
+        if doc["kind"] == "CacheBackend"
+    ]
+    named = {
+        b["spec"]["gateway"]["modelName"] for b in samples if "modelName" in b["spec"].get("gateway", {})
+    }
+    assert named, "no sample CacheBackend names a model"
+    assert named <= served
+
+
 def test_the_operator_token_is_for_the_server_audience(operator: dict[str, Any]) -> None:
     c = manifests.container(operator)
     mount = next(m for m in c["volumeMounts"] if m["name"] == "controller-token")
