@@ -163,10 +163,6 @@ def _rows(snapshot: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     return list(snapshot.get(key) or [])  # Go encodes an empty list as null
 
 
-def _pod_name(pod: Mapping[str, Any]) -> str:
-    return f"{pod['metadata'].get('namespace', '')}/{pod['metadata'].get('name', '')}"
-
-
 def _comparable(status: Mapping[str, Any]) -> Obj:
     out = {k: v for k, v in status.items() if k != "lastUpdated"}
     out["replicas"] = [
@@ -177,7 +173,6 @@ def _comparable(status: Mapping[str, Any]) -> Obj:
 
 def cacheindex_status(
     snapshot_json: Mapping[str, Any],
-    pods: Sequence[Mapping[str, Any]],
     now: dt.datetime,
     *,
     server_url: str = "",
@@ -186,8 +181,7 @@ def cacheindex_status(
     """``CacheIndex/cluster-default`` status from one ``/snapshot`` body (seed §1.6).
 
     Only replicas with stats are listed (a duplicate id across tenants keeps the
-    lexicographically greatest tenant); each names its pod (``<ns>/<name>``) when one is
-    attributed. Returns ``previous`` unchanged when nothing but ``lastUpdated`` and the
+    lexicographically greatest tenant). Returns ``previous`` unchanged when nothing but ``lastUpdated`` and the
     per-replica ``lastUpdate`` would change (the handler then skips the write).
     """
     replicas: dict[str, Obj] = {}
@@ -207,9 +201,6 @@ def cacheindex_status(
             pressure=rate(float(row.get("pressure", 0))),
             lastUpdate=row["lastUpdate"],
         )
-        pod = attribute_pod(row, pods)
-        if pod is not None:
-            entry["pod"] = _pod_name(pod)
         replicas[rid] = entry
     status: Obj = {
         "replicas": [replicas[k] for k in sorted(replicas)],

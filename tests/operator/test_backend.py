@@ -22,6 +22,9 @@ import pytest
 from inference_cache.index import snapshot, store, types
 from inference_cache.operator import backend as bk
 from inference_cache.operator import controlplane as cp
+from inference_cache.operator import crds
+
+from . import crd_validate as cv
 
 UID = "0c6f2d1e-5a4b-4c3d-9e8f-7a6b5c4d3e2f"
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -97,13 +100,15 @@ def reasons(plan: bk.BackendPlan) -> list[str]:
 
 
 def with_status(backend: dict[str, Any], plan: bk.BackendPlan) -> dict[str, Any]:
-    """Apply the plan's status merge patch to the CR (what the handler does)."""
+    """Apply the plan's status merge patch to the CR (what the handler does); the result
+    must pass our CacheBackend CRD."""
     out = copy.deepcopy(backend)
     for k, v in plan.status.items():
         if v is None:
             out["status"].pop(k, None)
         else:
             out["status"][k] = v
+    assert cv.validate(out, crds.cache_backend()) == []
     return out
 
 
@@ -146,7 +151,9 @@ def with_status(backend: dict[str, Any], plan: bk.BackendPlan) -> dict[str, Any]
     ],
 )
 def test_children_per_type_are_valid_kubernetes_objects(spec: dict[str, Any], kinds: list[str]) -> None:
-    plan = bk.desired_backend(cr(**spec), bk.Observed(), SETTINGS, NOW)
+    backend = cr(**spec)
+    assert cv.validate(backend, crds.cache_backend()) == []
+    plan = bk.desired_backend(backend, bk.Observed(), SETTINGS, NOW)
     assert [o["kind"] for o in plan.objects] == kinds
     for obj in plan.objects:
         validate(obj)

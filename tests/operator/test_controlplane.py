@@ -20,6 +20,9 @@ from inference_cache.extproc import policy_wire
 from inference_cache.index import policy as index_policy
 from inference_cache.index import snapshot, store, types
 from inference_cache.operator import controlplane as cp
+from inference_cache.operator import crds
+
+from . import crd_validate as cv
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 NOW = dt.datetime(2023, 11, 14, 23, 0, 0, tzinfo=dt.UTC)
@@ -94,7 +97,9 @@ def decode(payload: dict[str, Any]) -> policy_wire.PolicySnapshot:
 def test_policy_payload_round_trips_through_the_server_decoder(
     spec: dict[str, Any], expected: index_policy.NamespacePolicy
 ) -> None:
-    payload = cp.policy_payload([cpol("a", **spec)], [])
+    policy = cpol("a", **spec)
+    assert cv.validate(policy, crds.cache_policy()) == []
+    payload = cp.policy_payload([policy], [])
     assert payload["version"] == 7
     snap = decode(payload)
     assert snap.policies == (expected,)
@@ -189,7 +194,7 @@ PODS = [
 
 
 def test_cacheindex_status_from_a_real_snapshot() -> None:
-    status = cp.cacheindex_status(filled_snapshot(), PODS, NOW, server_url="http://s:8081/snapshot")
+    status = cp.cacheindex_status(filled_snapshot(), NOW, server_url="http://s:8081/snapshot")
     assert status == {
         "replicas": [
             {
@@ -199,7 +204,6 @@ def test_cacheindex_status_from_a_real_snapshot() -> None:
                 "hitRate": "0.78",
                 "pressure": "0.25",
                 "lastUpdate": "2023-11-14T22:13:20Z",
-                "pod": "llm/vllm-0",
             },
             {
                 "id": "10.0.1.1:8001",
@@ -208,7 +212,6 @@ def test_cacheindex_status_from_a_real_snapshot() -> None:
                 "hitRate": "0.0000001",
                 "pressure": "0.5",
                 "lastUpdate": "2023-11-14T22:13:21Z",
-                "pod": "team/engine",
             },
         ],
         "tenants": [
@@ -219,19 +222,39 @@ def test_cacheindex_status_from_a_real_snapshot() -> None:
         "observedServer": "http://s:8081/snapshot",
         "lastUpdated": "2023-11-14T23:00:00Z",
     }
+    cacheindex = {
+        "apiVersion": "inferencecache.io/v1alpha1",
+        "kind": "CacheIndex",
+        "metadata": {"name": cp.CACHE_INDEX_NAME},
+        "spec": {},
+        "status": status,
+    }
+    assert cv.validate(cacheindex, crds.cache_index()) == []
 
 
 def test_cacheindex_status_unchanged_keeps_previous() -> None:
-    first = cp.cacheindex_status(filled_snapshot(), PODS, NOW)
+    first = cp.cacheindex_status(filled_snapshot(), NOW)
     later = NOW + dt.timedelta(minutes=1)
-    assert cp.cacheindex_status(filled_snapshot(), PODS, later, previous=first) == first
-    changed = cp.cacheindex_status(filled_snapshot(), PODS[:1], later, previous=first)
+    assert cp.cacheindex_status(filled_snapshot(), later, previous=first) == first
+    # A newer stats report with the same values changes only replicas[].lastUpdate: no write.
+    index = store.Index(clock=lambda: T0)
+    index.set_stats(
+        tenant="t", model="m", replica_id="10.0.0.7:8000", stats=types.ReplicaStats(1, 0.5, 0.5), ts=T0
+    )
+    base = cp.cacheindex_status(json.loads(snapshot.encode_json(index.snapshot())), NOW)
+    index.set_stats(
+        tenant="t", model="m", replica_id="10.0.0.7:8000", stats=types.ReplicaStats(1, 0.5, 0.5), ts=T0 + 9
+    )
+    assert (
+        cp.cacheindex_status(json.loads(snapshot.encode_json(index.snapshot())), later, previous=base) == base
+    )
+    changed = cp.cacheindex_status(filled_snapshot(), later, previous=first, server_url="http://other")
     assert changed["lastUpdated"] == "2023-11-14T23:01:00Z"
 
 
 def test_cacheindex_status_empty_snapshot() -> None:
     body = json.loads(snapshot.encode_json(store.Index(clock=lambda: T0).snapshot()))
-    status = cp.cacheindex_status(body, [], NOW)
+    status = cp.cacheindex_status(body, NOW)
     assert (status["replicas"], status["tenants"], status["prefixes"]) == (
         [],
         [],
@@ -245,7 +268,7 @@ def test_duplicate_replica_id_keeps_greatest_tenant() -> None:
         index.set_stats(
             tenant=tenant, model="m", replica_id="10.0.0.7:8000", stats=types.ReplicaStats(1, 0.5, 0.5), ts=T0
         )
-    status = cp.cacheindex_status(json.loads(snapshot.encode_json(index.snapshot())), [], NOW)
+    status = cp.cacheindex_status(json.loads(snapshot.encode_json(index.snapshot())), NOW)
     assert [(r["id"], r["tenant"]) for r in status["replicas"]] == [("10.0.0.7:8000", "b")]
 
 
@@ -353,6 +376,10 @@ def test_tenant_statuses() -> None:
         [("Ready", "True", "Observed"), ("QuotaExceeded", "False", "NoQuota")],
     )
     assert out[("llm", "main")]["observedGeneration"] == 1
+    for cr in tenants:
+        key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
+        obj = {**cr, "apiVersion": "inferencecache.io/v1alpha1", "status": out[key]}
+        assert cv.validate(obj, crds.cache_tenant()) == []
     # Re-projection with the written status is identical (the handler then skips the patch).
     again = cp.tenant_statuses(
         filled_snapshot(),

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from inference_cache import config
-from inference_cache.operator import discovery
+from inference_cache.operator import crds, discovery
+
+from . import crd_validate as cv
 
 SERVE = config.Config(models=(config.ModelConfig(name="qwen"),))
 
@@ -56,9 +58,9 @@ def pod(
 
 def test_one_endpoint_per_ready_pod_and_rank() -> None:
     pods = [pod("vllm-1", "10.0.0.8"), pod("vllm-0", "10.0.0.7")]
-    eps = discovery.discover_endpoints(
-        backend({"targetPorts": [{"number": 8000}, {"number": 8001}]}), pods, SERVE
-    )
+    b = backend({"targetPorts": [{"number": 8000}, {"number": 8001}]})
+    assert cv.validate({**b, "apiVersion": "inferencecache.io/v1alpha1"}, crds.cache_backend()) == []
+    eps = discovery.discover_endpoints(b, pods, SERVE)
     assert eps == [
         config.EndpointConfig(
             address="10.0.0.7:8000",
