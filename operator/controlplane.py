@@ -181,8 +181,9 @@ def cacheindex_status(
     """``CacheIndex/cluster-default`` status from one ``/snapshot`` body (seed §1.6).
 
     Only replicas with stats are listed (a duplicate id across tenants keeps the
-    lexicographically greatest tenant). Returns ``previous`` unchanged when nothing but ``lastUpdated`` and the
-    per-replica ``lastUpdate`` would change (the handler then skips the write).
+    lexicographically greatest tenant). Returns ``previous`` unchanged when nothing but
+    ``lastUpdated`` and the per-replica ``lastUpdate`` would change (the handler then skips
+    the write).
     """
     replicas: dict[str, Obj] = {}
     for row in _rows(snapshot_json, "replicas"):
