@@ -252,6 +252,11 @@ def _default_in_place(value: JSON, schema: Mapping[str, JSON]) -> None:
             _default_in_place(item, schema["items"])
 
 
+def to_json_schema(schema: Mapping[str, JSON]) -> dict[str, JSON]:
+    """A structural schema (node) as a JSON Schema (draft 4) with pruning as an error."""
+    return _to_json_schema(schema, structural=True)
+
+
 def _to_json_schema(node: Mapping[str, JSON], *, structural: bool, root: bool = False) -> dict[str, JSON]:
     out: dict[str, JSON] = {}
     for key, sub in node.items():
@@ -289,15 +294,16 @@ def _to_json_schema(node: Mapping[str, JSON], *, structural: bool, root: bool = 
     return out
 
 
-_FORMATS = jsonschema.FormatChecker(formats=())
+FORMATS = jsonschema.FormatChecker(formats=())
+"""The formats the apiserver checks that jsonschema does not by default (int32, int64)."""
 
 
-@_FORMATS.checks("int32")
+@FORMATS.checks("int32")
 def _int32(value: object) -> bool:
     return not isinstance(value, int) or -(2**31) <= value < 2**31
 
 
-@_FORMATS.checks("int64")
+@FORMATS.checks("int64")
 def _int64(value: object) -> bool:
     return not isinstance(value, int) or -(2**63) <= value < 2**63
 
@@ -432,7 +438,7 @@ def validate(
     schema = schema_of(crd, version)
     value = apply_defaults(dict(obj), schema)
     validator = jsonschema.Draft4Validator(
-        _to_json_schema(schema, structural=True, root=True), format_checker=_FORMATS
+        _to_json_schema(schema, structural=True, root=True), format_checker=FORMATS
     )
     for err in sorted(
         validator.iter_errors(value), key=lambda e: (list(map(str, e.absolute_path)), e.message)
