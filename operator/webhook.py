@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import hashlib
 import hmac
 import json
@@ -53,6 +54,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from inference_cache.operator.gateway import DEFAULT_BODY_MODE, DEFAULT_FAIL_OPEN
 from inference_cache.subscribe import parse_duration
 
 ANNOTATION_SKIP: Final = "inferencecache.io/skip-inject"
@@ -607,54 +609,65 @@ def format_errors(kind: str, name: str, errors: Iterable[FieldError]) -> str:
     return f'{kind} "{name}" is invalid: [{", ".join(str(e) for e in errors)}]'
 
 
-#: Defaults the defaulting webhook adds where the CRD's structural defaults cannot reach
-#: (an absent parent object gets no nested defaults from the apiserver).
-DEFAULT_FIRST_EVENT_TIMEOUT: Final = "5m"
-GATEWAY_DEFAULTS: Final = {
-    "mode": "None",
-    "bodyMode": "Buffered",
-    "messageTimeout": "60s",
-    "failOpen": True,
-    "responseProcessing": False,
-}
+def default_cache_backend(obj: Mapping[str, Any], crd: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """RFC 6902 ops defaulting a CacheBackend from its CRD (``crds.cache_backend()``), the one
+    source of the defaults; never overwrites a set value.
 
-
-def default_cache_backend(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """RFC 6902 ops defaulting a CacheBackend; never overwrites a set value."""
-    spec = obj.get("spec") or {}
+    The apiserver applies a structural default only inside an object that exists; this fills
+    absent objects too (``spec.integration``, ``spec.gateway``: any object schema without
+    required fields), then the one webhook-only default: ``autoscaling.minReplicas =
+    spec.replicas`` when ``replicas >= 1`` (seed §6.5)."""
+    out = copy.deepcopy(dict(obj))
     ops: list[dict[str, Any]] = []
-    if "spec" not in obj:
+    spec_schema = _version_schema(crd, str(obj.get("apiVersion", "")))["properties"]["spec"]
+    if not isinstance(out.get("spec"), dict):
+        out["spec"] = {}
         ops.append({"op": "add", "path": "/spec", "value": {}})
-    integration = spec.get("integration")
-    if integration is None:
-        ops.append(
-            {
-                "op": "add",
-                "path": "/spec/integration",
-                "value": {"firstEventTimeout": DEFAULT_FIRST_EVENT_TIMEOUT},
-            }
-        )
-    elif integration.get("firstEventTimeout") is None:
-        ops.append(
-            {"op": "add", "path": "/spec/integration/firstEventTimeout", "value": DEFAULT_FIRST_EVENT_TIMEOUT}
-        )
-    gateway = spec.get("gateway")
-    if gateway is None:
-        ops.append({"op": "add", "path": "/spec/gateway", "value": dict(GATEWAY_DEFAULTS)})
-    else:
-        for key, value in GATEWAY_DEFAULTS.items():
-            if gateway.get(key) is None:
-                ops.append({"op": "add", "path": f"/spec/gateway/{key}", "value": value})
+    _fill_defaults(out["spec"], spec_schema, "/spec", ops)
+    spec = out["spec"]
     autoscaling = spec.get("autoscaling")
     replicas = spec.get("replicas")
-    if (
-        autoscaling is not None
-        and autoscaling.get("minReplicas") is None
-        and isinstance(replicas, int)
-        and replicas >= 1
-    ):
+    wants_floor = isinstance(autoscaling, dict) and autoscaling.get("minReplicas") is None
+    if wants_floor and isinstance(replicas, int) and replicas >= 1:
         ops.append({"op": "add", "path": "/spec/autoscaling/minReplicas", "value": replicas})
     return ops
+
+
+def _version_schema(crd: Mapping[str, Any], api_version: str) -> Mapping[str, Any]:
+    versions = crd["spec"]["versions"]
+    wanted = api_version.rpartition("/")[2]
+    chosen = next((v for v in versions if v["name"] == wanted), None)
+    chosen = chosen or next(v for v in versions if v.get("storage"))
+    schema: Mapping[str, Any] = chosen["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _fill_defaults(
+    value: dict[str, Any], schema: Mapping[str, Any], path: str, ops: list[dict[str, Any]]
+) -> None:
+    for key, sub in (schema.get("properties") or {}).items():
+        where = f"{path}/{_pointer(key)}"
+        if key in value:
+            if isinstance(value[key], dict) and sub.get("type") == "object":
+                _fill_defaults(value[key], sub, where, ops)
+            continue
+        default = _absent_default(sub)
+        if default is not None:
+            value[key] = default
+            ops.append({"op": "add", "path": where, "value": copy.deepcopy(default)})
+
+
+def _absent_default(schema: Mapping[str, Any]) -> Any:
+    """The value an absent field takes: its ``default``, or for an object without required
+    fields the defaults of its properties (``None``: stays absent)."""
+    if "default" in schema:
+        return copy.deepcopy(schema["default"])
+    if schema.get("type") != "object" or schema.get("required"):
+        return None
+    inner = {
+        k: d for k, sub in (schema.get("properties") or {}).items() if (d := _absent_default(sub)) is not None
+    }
+    return inner or None
 
 
 def validate_cache_backend(obj: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> list[FieldError]:
@@ -768,9 +781,10 @@ def _override_errors(overrides: Mapping[str, Any], *, check_reserved: bool) -> l
 
 
 def _gateway_errors(gateway: Mapping[str, Any]) -> list[FieldError]:
-    effective = {**GATEWAY_DEFAULTS, **{k: v for k, v in gateway.items() if v is not None}}
+    mode = gateway.get("mode") or "None"
+    fail_open = gateway.get("failOpen", DEFAULT_FAIL_OPEN)
     errors: list[FieldError] = []
-    if effective["bodyMode"] == "FullDuplexStreamed" and effective["failOpen"] is not False:
+    if (gateway.get("bodyMode") or DEFAULT_BODY_MODE) == "FullDuplexStreamed" and fail_open is not False:
         errors.append(
             FieldError(
                 "Invalid",
@@ -779,21 +793,15 @@ def _gateway_errors(gateway: Mapping[str, Any]) -> list[FieldError]:
                 "true",
             )
         )
-    if (
-        effective["mode"] in ("InferencePool", "EnvoyGateway")
-        and not str(gateway.get("modelName") or "").strip()
-    ):
+    if mode in ("InferencePool", "EnvoyGateway") and not str(gateway.get("modelName") or "").strip():
         errors.append(
             FieldError(
                 "Required",
                 "spec.gateway.modelName",
-                f"the OpenAI model name is required with mode {effective['mode']}",
+                f"the OpenAI model name is required with mode {mode}",
             )
         )
-    if (
-        effective["mode"] == "EnvoyGateway"
-        and not str((gateway.get("httpRouteRef") or {}).get("name") or "").strip()
-    ):
+    if mode == "EnvoyGateway" and not str((gateway.get("httpRouteRef") or {}).get("name") or "").strip():
         errors.append(
             FieldError(
                 "Required",

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 
 from inference_cache.index.kvevents.config import EndpointConfig
-from inference_cache.operator import webhook
+from inference_cache.operator import crds, webhook
 from inference_cache.operator.webhook import (
     ANNOTATION_INJECTED_BY,
     ANNOTATION_INJECTED_BY_SIGNATURE,
@@ -23,6 +23,8 @@ from inference_cache.operator.webhook import (
     Mutation,
     WebhookSettings,
 )
+
+from . import crd_validate
 
 NS = "team-a"
 SETTINGS = WebhookSettings(signing_key=b"test-signing-key")
@@ -601,28 +603,46 @@ def cb_obj(spec: dict[str, Any], namespace: str = NS) -> dict[str, Any]:
     }
 
 
-def test_defaulting_adds_what_the_crd_cannot_and_never_overwrites() -> None:
-    obj = cb_obj({"replicas": 2, "autoscaling": {"maxReplicas": 4}})
-    defaulted = jsonpatch.apply_patch(obj, webhook.default_cache_backend(obj))
-    assert defaulted["spec"]["integration"] == {"firstEventTimeout": "5m"}
-    assert defaulted["spec"]["gateway"] == webhook.GATEWAY_DEFAULTS
-    assert defaulted["spec"]["autoscaling"]["minReplicas"] == 2
-    assert webhook.default_cache_backend(defaulted) == []
-    partial = cb_obj(
+def test_defaulting_fills_absent_objects_from_the_crd_and_never_overwrites() -> None:
+    crd = crds.cache_backend()
+    obj = cb_obj({"autoscaling": {"maxReplicas": 4}})
+    defaulted = jsonpatch.apply_patch(obj, webhook.default_cache_backend(obj, crd))
+    spec = defaulted["spec"]
+    assert spec["integration"] == {
+        "engine": "vllm",
+        "role": "ReadWrite",
+        "failOpen": True,
+        "firstEventTimeout": "5m",
+    }
+    assert spec["gateway"] == {
+        "mode": "None",
+        "bodyMode": "Buffered",
+        "messageTimeout": "60s",
+        "failOpen": True,
+        "responseProcessing": False,
+        "targetPorts": [{"number": 8000}],
+    }
+    assert spec["type"] == "LMCache" and spec["replicas"] == 1
+    assert spec["autoscaling"]["minReplicas"] == 1  # = the (defaulted) replicas
+    assert "storage" not in spec and "template" not in spec  # no defaults / required fields
+    assert webhook.default_cache_backend(defaulted, crd) == []
+    assert crd_validate.validate(defaulted, crd) == []
+
+
+def test_defaulting_keeps_set_values() -> None:
+    crd = crds.cache_backend()
+    obj = cb_obj(
         {
             "replicas": 0,
             "autoscaling": {"maxReplicas": 4},
             "integration": {"firstEventTimeout": "1m"},
-            "gateway": {"mode": "EnvoyGateway", "failOpen": False},
+            "gateway": {"mode": "EnvoyGateway", "failOpen": False, "httpRouteRef": {"name": "r"}},
         }
     )
-    done = jsonpatch.apply_patch(partial, webhook.default_cache_backend(partial))
-    assert done["spec"]["integration"]["firstEventTimeout"] == "1m"
-    assert done["spec"]["gateway"]["failOpen"] is False and done["spec"]["gateway"]["mode"] == "EnvoyGateway"
-    assert (
-        done["spec"]["gateway"]["messageTimeout"] == "60s"
-        and "minReplicas" not in done["spec"]["autoscaling"]
-    )
+    spec = jsonpatch.apply_patch(obj, webhook.default_cache_backend(obj, crd))["spec"]
+    assert spec["integration"]["firstEventTimeout"] == "1m" and spec["integration"]["role"] == "ReadWrite"
+    assert spec["gateway"]["failOpen"] is False and spec["gateway"]["mode"] == "EnvoyGateway"
+    assert spec["gateway"]["messageTimeout"] == "60s" and "minReplicas" not in spec["autoscaling"]
 
 
 GW = {"mode": "EnvoyGateway", "modelName": "qwen", "httpRouteRef": {"name": "llm"}}
