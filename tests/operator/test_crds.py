@@ -396,3 +396,27 @@ def test_cachebackend_status_gateway_lists(our_crds: dict[str, dict[str, Any]]) 
         "'reason' is a required property" in e
         for e in cv.validate(_cr("CacheBackend", {}, status=bad), our_crds["CacheBackend"])
     )
+
+
+def _field_paths(node: dict[str, Any], path: str) -> Any:
+    for key, sub in node.get("properties", {}).items():
+        here = f"{path}.{key}"
+        yield here
+        if key == "conditions":
+            continue
+        yield from _field_paths(sub, here)
+        if isinstance(sub.get("items"), dict):
+            yield from _field_paths(sub["items"], f"{here}[]")
+
+
+@pytest.mark.parametrize("name", sorted(GENERATED))
+def test_docs_reference_every_field(name: str) -> None:
+    docs = (cv.REPO_ROOT / "docs" / "crds.md").read_text()
+    schema = _schema(GENERATED[name])
+    missing = [
+        p
+        for part in ("spec", "status")
+        for p in _field_paths(schema["properties"][part], part)
+        if f"| `{p}` |" not in docs
+    ]
+    assert missing == [], "add them to docs/crds.md"
