@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import jsonpatch
+import kopf
 import kubernetes_validate
 import pytest
 
@@ -815,3 +816,15 @@ def test_cache_tenant_id_unique_within_the_namespace() -> None:
         old=named("CacheTenant", "t3", {"tenantID": "other"}),
     )
     assert "'t1'" in moved[0].detail
+
+
+def test_kopf_wiring_reproduces_the_patch_through_patch_fns() -> None:
+    """What the kopf ``@on.mutate`` handler does: append the ops as a patch function; kopf
+    diffs the body (``Patch.as_json_patch``) into its own JSONPatch, same resulting pod."""
+    pod = engine_pod(*VLLM_SERVE, annotations=dict(FORGED))
+    mutation = webhook.mutate_engine_pod(pod, cache_backend(), SETTINGS)
+    patch = kopf.Patch(body=kopf.Body(copy.deepcopy(pod)))
+    patch.fns.append(lambda body: jsonpatch.apply_patch(body, mutation.patch, in_place=True))
+    via_kopf = jsonpatch.apply_patch(pod, patch.as_json_patch())
+    assert via_kopf == jsonpatch.apply_patch(pod, mutation.patch)
+    assert webhook.verify_injection(via_kopf, SETTINGS)
