@@ -1,6 +1,6 @@
 """Templated requests through a real Envoy, our server and fake vLLM engines (issue #8).
 
-Real: Envoy (the shipped buffered config), gRPC ext_proc, our ``serve`` server with the
+Real: Envoy (the shipped buffered and full-duplex configs), gRPC ext_proc, our ``serve`` server with the
 Qwen tokenizer, the fake engines (Qwen tokenizer, prefix cache, KV events), HTTP. The
 template reaches the server by ``PUT /templates`` on its controller listener, as the
 operator pushes it. We check: the engine gets the rendered request (it counts the
@@ -13,6 +13,8 @@ a 404 in the OpenAI error shape that never reaches an engine.
 from __future__ import annotations
 
 from typing import Any
+
+import pytest
 
 from inference_cache import render
 from inference_cache.extproc import templates
@@ -50,10 +52,11 @@ async def ask(
         return response.status, response.headers.get("x-engine-address", ""), body
 
 
+@pytest.mark.parametrize("config", ["buffered", "duplex"])
 async def test_a_templated_request_reaches_the_engine_rendered_and_its_stable_prefix_hits(
-    start_fleet: StartFleet,
+    start_fleet: StartFleet, config: str
 ) -> None:
-    fleet = await start_fleet("buffered", engines=2, tenant_header=True)
+    fleet = await start_fleet(config, engines=2, tenant_header=True)
     (server,) = fleet.servers
     assert server.addresses is not None
     stored = templates.build(TENANT, "support", SPEC)
