@@ -43,7 +43,8 @@ import celpy
 import jsonschema
 import yaml
 from celpy import celtypes
-from celpy.evaluation import base_functions
+from celpy.celparser import CELParseError
+from celpy.evaluation import CELEvalError, base_functions
 from lark import Token, Tree
 
 JSON = Any
@@ -160,7 +161,7 @@ def _compile(rule: str) -> tuple[celpy.Runner | None, str | None]:
     """(program, None) or (None, why it cannot be evaluated)."""
     try:
         ast = _ENV.compile(rule)
-    except celpy.CELParseError as exc:
+    except CELParseError as exc:
         return None, f"celpy cannot parse it: {exc}"
     missing = sorted(set(_called_functions(ast)) - _KNOWN_FUNCTIONS)
     if missing:
@@ -387,12 +388,12 @@ def _run_rule(
     where = f"{path}.{rule['fieldPath'].lstrip('.')}" if rule.get("fieldPath") else path
     try:
         result = program.evaluate({"self": _to_cel(value, schema)})
-    except celpy.CELEvalError as exc:
+    except CELEvalError as exc:
         errors.append(f"{where}: rule evaluation error: {text}: {exc.args[0]}")
         return
-    if isinstance(result, celpy.CELEvalError):
+    if isinstance(result, CELEvalError):
         errors.append(f"{where}: rule evaluation error: {text}: {result.args[0]}")
-    elif result is not True and result != celtypes.BoolType(True):
+    elif result != celtypes.BoolType(True):
         errors.append(f"{where}: {rule.get('message') or f'failed rule: {text}'}")
 
 
