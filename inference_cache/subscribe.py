@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import aiohttp
 
-from inference_cache import enginestats, producer
+from inference_cache import durations, enginestats, producer
 from inference_cache.index import types
 from inference_cache.index.kvevents.config import EndpointConfig
 from inference_cache.index.kvevents.subscriber import Subscriber
@@ -49,23 +48,16 @@ logger = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0
 EXIT_USAGE = 2
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
 
 def parse_duration(text: str) -> float:
-    """A Go ``time.Duration`` string (``100ms``, ``10s``, ``1m30s``, ``0``) in seconds."""
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_S[match.group(2)]
-        pos = match.end()
-    if pos == 0 or pos != len(text):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (want e.g. 100ms, 10s, 1m)")
-    return total
+    """``durations.parse`` for argparse (``--window 100ms``); negative ones are refused."""
+    try:
+        seconds = durations.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must not be negative")
+    return seconds
 
 
 def parse_lora_names(text: str) -> dict[int, str]:

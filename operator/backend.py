@@ -31,10 +31,11 @@ server's ``/snapshot`` rows attributed to this backend's matched pods.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from inference_cache import durations
 
 Obj = dict[str, Any]
 
@@ -129,36 +130,10 @@ class BackendPlan:
 
 # -- small helpers shared with controlplane ---------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S: Final = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
 
 def parse_duration(text: str) -> float:
-    """A Go ``time.Duration`` string (``"5m"``, ``"1h30m"``, ``"-1.5s"``, ``"0"``) in seconds."""
-    s = text.strip()
-    sign = -1.0 if s.startswith("-") else 1.0
-    body = s.lstrip("+-")
-    if body == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(body):
-        m = _DURATION_PART.match(body, pos)
-        if m is None:
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(m.group(1)) * _UNIT_S[m.group(2)]
-        pos = m.end()
-    if not body:
-        raise ValueError(f"invalid duration {text!r}")
-    return sign * total
+    """A Go ``time.Duration`` string in seconds (``durations.parse``)."""
+    return durations.parse(text)
 
 
 def format_time(t: dt.datetime) -> str:

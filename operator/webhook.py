@@ -43,7 +43,6 @@ not the whole spec: later mutating webhooks and API defaulting change other fiel
 
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
 import hashlib
@@ -54,8 +53,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from inference_cache.durations import parse as parse_duration
 from inference_cache.operator.gateway import DEFAULT_BODY_MODE, DEFAULT_FAIL_OPEN
-from inference_cache.subscribe import parse_duration
 
 ANNOTATION_SKIP: Final = "inferencecache.io/skip-inject"
 ANNOTATION_INJECTED_BY: Final = "inferencecache.io/injected-by"
@@ -885,7 +884,7 @@ def _policy_spec_errors(obj: Mapping[str, Any]) -> list[FieldError]:
         return []
     try:
         positive = parse_duration(str(ttl)) > 0
-    except argparse.ArgumentTypeError:
+    except ValueError:
         positive = False
     if positive:
         return []
