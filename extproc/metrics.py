@@ -185,6 +185,9 @@ class ServerMetrics:
         self.policy_auth = Counter(
             "inferencecache_policy_auth", "/policy auth results.", ["result"], registry=r
         )
+        self.templates_auth = Counter(
+            "inferencecache_templates_auth", "/templates auth results.", ["result"], registry=r
+        )
         self.producer_auth = Counter(
             "inferencecache_producer_auth", "Write-RPC auth results.", ["result"], registry=r
         )

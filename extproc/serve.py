@@ -591,7 +591,7 @@ class Server:
             snapshot_auth=self._authenticator(lambda r: self.metrics.snapshot_auth.labels(r).inc()),
             policy_auth=self._authenticator(lambda r: self.metrics.policy_auth.labels(r).inc()),
             templates=self.templates,
-            templates_auth=self._authenticator(lambda _r: None),
+            templates_auth=self._authenticator(lambda r: self.metrics.templates_auth.labels(r).inc()),
         )
         http_addr = await self._http_site(public, s.http_bind_address)
         snapshot_addr = await self._http_site(controller, s.snapshot_bind_address)

@@ -125,9 +125,13 @@ async def test_controller_auth_results_are_counted(started: list[serve.Server]) 
             for path in ("/snapshot", "/policy", "/policy"):
                 async with session.get(f"http://{srv.addresses.snapshot}{path}") as resp:
                     assert resp.status == 401
+            for _ in range(3):
+                async with session.put(f"http://{srv.addresses.snapshot}/templates", data=b"{}") as resp:
+                    assert resp.status == 401
         got = await _scrape(srv)
     assert _v(got, "inferencecache_snapshot_auth_total", result="unauth") == 1
     assert _v(got, "inferencecache_policy_auth_total", result="unauth") == 2
+    assert _v(got, "inferencecache_templates_auth_total", result="unauth") == 3
 
 
 async def test_server_up_drops_to_zero_after_stop(started: list[serve.Server]) -> None:
