@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from inference_cache.extproc import scoring
 from inference_cache.extproc.scoring import DEFAULT_PREFILL_TOKENS_PER_S
 
 Clock = Callable[[], float]
@@ -187,6 +188,28 @@ class InflightTracker:
         """The last gauges observed for ``replica_id`` (``None``: never observed)."""
         r = self._replicas.get(replica_id)
         return None if r is None else r.engine
+
+    def candidates(
+        self, replica_ids: Iterable[str], matched: Mapping[str, int], cap: int
+    ) -> list[scoring.Candidate]:
+        """The scorer's view of each replica: its match (capped at ``cap`` tokens, what an
+        engine can report as cached) and the load we know of."""
+        out = []
+        for rid in replica_ids:
+            reqs, prefill = self.load(rid)
+            engine = self.engine(rid)
+            out.append(
+                scoring.Candidate(
+                    replica_id=rid,
+                    matched_tokens=min(matched.get(rid, 0), max(cap, 0)),
+                    inflight_requests=reqs,
+                    inflight_prefill_tokens=prefill,
+                    engine_running=engine.running if engine else None,
+                    engine_waiting=engine.waiting if engine else None,
+                    kv_usage=engine.kv_usage if engine else None,
+                )
+            )
+        return out
 
     def forget(self, replica_id: str) -> None:
         """Drop everything about ``replica_id`` (endpoint removed); its tickets' ends are ignored."""

@@ -378,22 +378,8 @@ class EndpointPicker:
             for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
                 matched[rid] = self.approx.tokens(blocks)
         # An engine always recomputes the last prompt token: a full hit is one block short.
-        cap = ((prompt.total_tokens - 1) // bs) * bs if prompt.tokens is not None else prompt.total_tokens
-        views = []
-        for rid in candidates:
-            reqs, prefill = self.inflight.load(rid)
-            engine = self.inflight.engine(rid)
-            views.append(
-                scoring.Candidate(
-                    replica_id=rid,
-                    matched_tokens=min(matched.get(rid, 0), max(cap, 0)),
-                    inflight_requests=reqs,
-                    inflight_prefill_tokens=prefill,
-                    engine_running=engine.running if engine else None,
-                    engine_waiting=engine.waiting if engine else None,
-                    kv_usage=engine.kv_usage if engine else None,
-                )
-            )
+        cap = scoring.hit_cap(prompt.total_tokens, bs) if prompt.tokens is not None else prompt.total_tokens
+        views = self.inflight.candidates(candidates, matched, cap)
         order = scoring.rank(views, prompt.total_tokens, self.settings.scoring, seed=prompt.seed)
         return Ranked(order, indexed, prompt)
 
@@ -434,21 +420,7 @@ class EndpointPicker:
     def _load_only(self, request: PickRequest) -> Decision:
         """Bodiless requests and non-inference paths: the least loaded ready endpoint."""
         candidates = self._candidates(self._all_endpoints, request.subset)
-        views = []
-        for rid in candidates:
-            reqs, prefill = self.inflight.load(rid)
-            engine = self.inflight.engine(rid)
-            views.append(
-                scoring.Candidate(
-                    rid,
-                    0,
-                    reqs,
-                    prefill,
-                    engine.running if engine else None,
-                    engine.waiting if engine else None,
-                    engine.kv_usage if engine else None,
-                )
-            )
+        views = self.inflight.candidates(candidates, {}, 0)
         order = scoring.rank(views, 1, self.settings.scoring, seed=request.path.encode())
         return Decision(endpoints=tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints]))
 

@@ -193,6 +193,12 @@ def rank(cands: Sequence[Candidate], prompt_tokens: int, s: ScoringSettings, *, 
     return scored
 
 
+def hit_cap(prompt_tokens: int, block_size: int) -> int:
+    """The most a vLLM-like engine can report cached for a prompt: its full blocks, less
+    one when the prompt ends on a block boundary (the last token is always recomputed)."""
+    return max(((prompt_tokens - 1) // block_size) * block_size, 0)
+
+
 def score_value(ms: float) -> float:
     """The ``LookupRoute`` wire score of a prediction: ``1 / (1 + ms)`` (in (0, 1])."""
     return 1.0 / (1.0 + max(ms, 0.0))

@@ -213,29 +213,31 @@ def owned_by(obj: Mapping[str, Any] | None, owner_uid: str) -> bool:
 
 
 def endpoint_shape_error(endpoint: str) -> str | None:
-    """Why an External endpoint (``[lm://]host:port``) is malformed, or ``None``."""
+    """Why an External LMCache endpoint (``[lm://]host:port``) is malformed, or ``None``
+    (the original's ``ValidateLMCacheEndpoint``; used by the reconciler's condition and the
+    admission webhook alike)."""
     s = endpoint.strip()
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in s):
-        return "endpoint: must not contain whitespace or control characters"
+        return "must not contain whitespace or control characters"
     scheme, sep, rest = s.partition("://")
     if sep:
         if scheme.lower() != "lm":
-            return f'endpoint: scheme "{scheme}" is not supported; use lm:// or host:port'
+            return f'scheme "{scheme}" is not supported; use lm:// or host:port'
     else:
         rest = s
     if any(c in rest for c in "/?#"):
-        return "endpoint: must be host:port with no path, query or fragment"
+        return "must be host:port with no path, query or fragment"
     if rest.startswith("["):
         host, bracket, port = rest[1:].partition("]")
         if not bracket or not port.startswith(":") or ":" in port[1:]:
-            return "endpoint: a bracketed IPv6 host must be followed by :port only"
+            return "a bracketed IPv6 host must be followed by :port only"
         port = port[1:]
     else:
         if rest.count(":") > 1:
-            return "endpoint: IPv6 hosts must be bracketed, e.g. [::1]:65432"
+            return "IPv6 hosts must be bracketed, e.g. [::1]:65432"
         host, _, port = rest.partition(":")
     if not host or not port:
-        return "endpoint: host and port are both required"
+        return "host and port are both required"
     return None
 
 
@@ -610,7 +612,7 @@ def desired_backend(
                 False, "ExternalEndpointMissing", "spec.endpoint is empty; set it to host:port of the cache"
             )
         elif error:
-            ready = _Ready(False, "ExternalEndpointInvalid", "spec." + error)
+            ready = _Ready(False, "ExternalEndpointInvalid", "spec.endpoint: " + error)
         else:
             ready = _Ready(True, "ExternalEndpointAccepted", f"external cache endpoint {endpoint}")
         previous = old_status.get("conditions") or []

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from inference_cache.durations import parse as parse_duration
+from inference_cache.operator.backend import endpoint_shape_error
 from inference_cache.operator.gateway import DEFAULT_BODY_MODE, DEFAULT_FAIL_OPEN
 
 ANNOTATION_SKIP: Final = "inferencecache.io/skip-inject"
@@ -691,7 +692,7 @@ def _cache_backend_errors(obj: Mapping[str, Any]) -> list[FieldError]:
             FieldError("Invalid", "spec.endpoint", "only allowed when spec.type is External", endpoint)
         )
     if kind == "External" and endpoint:
-        shape = lmcache_endpoint_error(endpoint)
+        shape = endpoint_shape_error(endpoint)
         if shape:
             errors.append(FieldError("Invalid", "spec.endpoint", shape, endpoint))
     if (spec.get("storage") or {}).get("pvc") is not None and kind in ("AIBrix", "NIXL"):
@@ -809,32 +810,6 @@ def _gateway_errors(gateway: Mapping[str, Any]) -> list[FieldError]:
             )
         )
     return errors
-
-
-def lmcache_endpoint_error(endpoint: str) -> str | None:
-    """The original's ``ValidateLMCacheEndpoint`` shape rules; ``None`` when valid."""
-    text = endpoint.strip()
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        return "endpoint must not contain whitespace or control characters"
-    scheme, sep, rest = text.partition("://")
-    if sep:
-        if scheme.lower() != "lm":
-            return f"endpoint scheme must be lm://, got {scheme}://"
-        text = rest
-    if any(ch in text for ch in "/?#"):
-        return "endpoint must be host:port with no path, query or fragment"
-    if text.startswith("["):
-        host, bracket, after = text[1:].partition("]")
-        if not bracket or not after.startswith(":"):
-            return "a bracketed IPv6 endpoint must be [addr]:port"
-        port = after[1:]
-    else:
-        if text.count(":") > 1:
-            return "an IPv6 endpoint must be bracketed: [addr]:port"
-        host, _, port = text.partition(":")
-    if not host or not port or ":" in port:
-        return "endpoint must be host:port with both parts non-empty"
-    return None
 
 
 def _endpoint_namespace(endpoint: str) -> str | None:

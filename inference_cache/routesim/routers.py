@@ -313,22 +313,7 @@ class Ours(_Base):
         if keys:
             for name, n in self.speculative.match_tokens(_SCOPE, keys).items():
                 matched[name] = max(matched.get(name, 0), n)
-        cap = max(((req.input_tokens - 1) // bs) * bs, 0)
-        views = []
-        for name in self.ids:
-            reqs, prefill = self.inflight.load(name)
-            engine = self.inflight.engine(name)
-            views.append(
-                scoring.Candidate(
-                    replica_id=name,
-                    matched_tokens=min(matched.get(name, 0), cap),
-                    inflight_requests=reqs,
-                    inflight_prefill_tokens=prefill,
-                    engine_running=engine.running if engine else None,
-                    engine_waiting=engine.waiting if engine else None,
-                    kv_usage=engine.kv_usage if engine else None,
-                )
-            )
+        views = self.inflight.candidates(self.ids, matched, scoring.hit_cap(req.input_tokens, bs))
         seed = keys[0] if keys else req.input_tokens.to_bytes(8, "big")
         chosen = scoring.rank(views, req.input_tokens, self.settings, seed=seed)[0]
         ticket = self.inflight.begin(chosen.replica_id, max(req.input_tokens - chosen.matched_tokens, 1))

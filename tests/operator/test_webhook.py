@@ -748,7 +748,7 @@ def test_error_message_shape() -> None:
     message = webhook.format_errors("CacheBackend", "cb", errors)
     assert message == (
         'CacheBackend "cb" is invalid: '
-        "[spec.endpoint: Invalid 'http://x:1': endpoint scheme must be lm://, got http://]"
+        "[spec.endpoint: Invalid 'http://x:1': scheme \"http\" is not supported; use lm:// or host:port]"
     )
 
 
