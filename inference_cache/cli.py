@@ -36,6 +36,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "inference_cache.extproc.bench",
         "decision latency and requests/s of the ext_proc picker through a real Envoy",
     ),
+    "live": (
+        "inference_cache.livebench",
+        "fake engines behind our Envoy + server, sglang-router, vllm-router and round robin",
+    ),
 }
 
 
