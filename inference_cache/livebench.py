@@ -654,7 +654,7 @@ def summarise(
         "block_size": e.block_size,
         "num_gpu_blocks": e.num_gpu_blocks,
         "hash_algo": e.hash_algo,
-        "python_hash_seed": e.python_hash_seed,
+        "python_hash_seed": e.python_hash_seed or "unset (NONE_HASH of 'vllm-none-hash')",
         "vllm_version": e.vllm_version,
         "prefill_tokens_per_s": e.prefill_tokens_per_second,
         "decode_tokens_per_s": e.decode_tokens_per_second,

@@ -1,0 +1,240 @@
+"""Rewrite the generated sections of ``docs/benchmarks.md`` from the benches' JSON.
+
+Owner: the benchmarks (issue #6); ``make bench`` and ``make bench-full`` call it last::
+
+    bench routing|live|extproc|index --json OUT (one or more runs each)
+        --> python -m inference_cache.benchreport --result NAME COMMAND OUT [OUT ...] ...
+        --> docs/benchmarks.md: the text between ``<!-- BEGIN GENERATED: NAME -->`` and
+            ``<!-- END GENERATED: NAME -->`` replaced (sections without markers are appended
+            at the end with their markers); everything outside the markers is left alone.
+
+Each JSON file is a top-level array of row objects (the convention of every bench). Rows with
+the same identity (the bench's key columns, :data:`IDENTITY`) over all the given files (and
+``repeat`` values) are repeats: the table shows each number's median and, with more than one
+repeat, its spread ``median (min–max)``. Columns equal in every row move to a "same for every
+row" line under the table. A ``machine`` section records where and when the figures were
+taken. Charts are not drawn: that needs matplotlib, which is not a dependency (it would come
+with a ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeGuard
+
+DOC = Path("docs/benchmarks.md")
+BEGIN = "<!-- BEGIN GENERATED: {} -->"
+END = "<!-- END GENERATED: {} -->"
+#: Per bench: the columns that name a row (the others are measurements).
+IDENTITY: dict[str, tuple[str, ...]] = {
+    "routing": ("router", "workload", "replicas", "capacity_tokens"),
+    "live": ("router", "workload"),
+    "extproc": ("size_tokens", "turn", "concurrency"),
+    "index": ("entries", "chain_blocks"),
+}
+#: Columns that only number repeats (dropped from tables).
+REPEAT_KEYS = ("repeat", "seed")
+TITLES = {
+    "machine": "Machine",
+    "routing": "Routing simulation (`bench routing`)",
+    "live": "Live routers on loopback (`bench live`)",
+    "extproc": "ext_proc request path (`bench extproc`)",
+    "index": "Index (`bench index`)",
+}
+
+Row = Mapping[str, Any]
+
+
+class ReportError(Exception):
+    """A result file is missing or not a bench's JSON."""
+
+
+# -- pure ---------------------------------------------------------------------------------------
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the generated section ``name`` set to ``body`` (appended with its
+    markers when absent); nothing outside the markers changes."""
+    begin, end = BEGIN.format(name), END.format(name)
+    block = f"{begin}\n{body.strip()}\n{end}"
+    start = text.find(begin)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + block + "\n"
+    stop = text.find(end, start)
+    if stop < 0:
+        raise ReportError(f"{begin} has no {end}")
+    return text[:start] + block + text[stop + len(end) :]
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _fmt(value: float) -> str:
+    """Integers as such, large numbers without decimals, small ones to 4 significant digits."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def aggregate(rows: Sequence[Row], identity: Sequence[str]) -> list[dict[str, str]]:
+    """One row per identity (first-seen order): numbers as their median, with the spread
+    ``(min–max)`` when repeats differ; other values as in the first repeat."""
+    groups: dict[tuple[Any, ...], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in identity), []).append(row)
+    out: list[dict[str, str]] = []
+    for repeats in groups.values():
+        columns = [c for c in repeats[0] if c not in REPEAT_KEYS]
+        merged: dict[str, str] = {}
+        for column in columns:
+            values = [r.get(column) for r in repeats]
+            numbers = [v for v in values if _is_number(v)]
+            if column in identity or len(numbers) != len(values):
+                merged[column] = "" if values[0] is None else str(values[0])
+                continue
+            median = statistics.median(numbers)
+            lo, hi = min(numbers), max(numbers)
+            merged[column] = _fmt(median) if lo == hi else f"{_fmt(median)} ({_fmt(lo)}–{_fmt(hi)})"
+        merged["repeats"] = str(len(repeats))
+        out.append(merged)
+    return out
+
+
+def table(rows: Sequence[Mapping[str, str]], identity: Sequence[str]) -> str:
+    """A markdown table; columns equal in every row (and not identity) become one line below."""
+    if not rows:
+        return "_no rows_"
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    constant = [
+        c for c in columns if c not in identity and len(rows) > 1 and len({r.get(c, "") for r in rows}) == 1
+    ]
+    shown = [c for c in columns if c not in constant]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in shown) + " |" for r in rows]
+    if constant:
+        lines += ["", "Same for every row: " + ", ".join(f"{c} = {rows[0][c]}" for c in constant) + "."]
+    return "\n".join(lines)
+
+
+def bench_section(name: str, command: str, rows: Sequence[Row], files: int) -> str:
+    identity = IDENTITY.get(name, ())
+    merged = aggregate(rows, identity)
+    runs = f"{files} run{'s' if files != 1 else ''}" + (
+        "; medians with (min–max) over the repeats" if any(r["repeats"] != "1" for r in merged) else ""
+    )
+    return "\n".join(
+        [
+            f"### {TITLES.get(name, name)}",
+            "",
+            f"Generated by `make bench`/`make bench-full` ({runs}). Command:",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            table(merged, identity),
+        ]
+    )
+
+
+def machine_section(facts: Mapping[str, str], profile: str) -> str:
+    lines = [f"### {TITLES['machine']}", "", f"Profile: `{profile}`."]
+    lines += [f"- **{k}**: {v}" for k, v in facts.items()]
+    lines += [
+        "",
+        "Charts (TTFT p90 and hit ratio by router; latency vs prompt length) are not drawn: "
+        "that needs matplotlib, which is not installed (it would come with a `bench` extra).",
+    ]
+    return "\n".join(lines)
+
+
+# -- I/O ----------------------------------------------------------------------------------------
+
+
+def _first_line(path: str, prefix: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(prefix)), "?")
+    except OSError:
+        return "?"
+
+
+def machine_facts() -> dict[str, str]:
+    """Where the figures were taken: CPU, cores, memory, OS, Python, commit, date."""
+    mem = _first_line("/proc/meminfo", "MemTotal")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "?"
+    return {
+        "CPU": _first_line("/proc/cpuinfo", "model name"),
+        "cores": str(len(os.sched_getaffinity(0))),
+        "memory": mem,
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def load_rows(path: Path) -> list[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path}: {exc}") from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ReportError(f"{path}: not a JSON array of objects")
+    return data
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--doc", type=Path, default=DOC, help=f"the document rewritten (default {DOC})")
+    p.add_argument("--profile", default="quick", help="named in the machine section (quick, full)")
+    p.add_argument(
+        "--result",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME COMMAND JSON",
+        help="a section: its name (routing, live, extproc, index), the exact command, its JSON file(s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        text = args.doc.read_text(encoding="utf-8")
+        text = replace_section(text, "machine", machine_section(machine_facts(), args.profile))
+        for result in args.result:
+            if len(result) < 3:
+                raise ReportError(f"--result {' '.join(result)}: expected NAME COMMAND JSON [JSON ...]")
+            name, command, *files = result
+            rows = [row for f in files for row in load_rows(Path(f))]
+            text = replace_section(text, name, bench_section(name, command, rows, len(files)))
+    except (OSError, ReportError) as exc:
+        print(f"benchreport: {exc}", file=sys.stderr)
+        return 1
+    args.doc.write_text(text, encoding="utf-8")
+    print(f"rewrote the generated sections of {args.doc}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference_cache.benchreport", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

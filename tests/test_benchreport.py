@@ -1,0 +1,126 @@
+"""``inference_cache.benchreport``: generated sections replaced between their markers only,
+repeats folded into medians with their spread, constant columns moved under the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from inference_cache import benchreport
+
+HAND = "# Benchmarks\n\nHand-written intro.\n\n## Index\n\nHand-written analysis.\n"
+
+
+def test_replace_section_appends_missing_markers_and_keeps_the_text() -> None:
+    out = benchreport.replace_section(HAND, "live", "table v1")
+    assert out.startswith(HAND.rstrip("\n"))
+    assert out.endswith("<!-- BEGIN GENERATED: live -->\ntable v1\n<!-- END GENERATED: live -->\n")
+
+
+def test_replace_section_rewrites_only_between_markers() -> None:
+    doc = benchreport.replace_section(HAND, "live", "table v1") + "\n## After\n\nMore hand-written text.\n"
+    out = benchreport.replace_section(doc, "live", "table v2")
+    assert "table v1" not in out
+    assert out == doc.replace("table v1", "table v2")
+
+
+def test_replace_section_without_end_marker_is_an_error() -> None:
+    with pytest.raises(benchreport.ReportError):
+        benchreport.replace_section("<!-- BEGIN GENERATED: live -->\nx\n", "live", "y")
+
+
+def test_aggregate_medians_with_spread_per_identity() -> None:
+    rows = [
+        {
+            "router": "ours",
+            "workload": "w",
+            "repeat": 0,
+            "hit_ratio": 0.5,
+            "ttft_p90_ms": 10.0,
+            "client": "c",
+        },
+        {
+            "router": "ours",
+            "workload": "w",
+            "repeat": 1,
+            "hit_ratio": 0.5,
+            "ttft_p90_ms": 30.0,
+            "client": "c",
+        },
+        {
+            "router": "ours",
+            "workload": "w",
+            "repeat": 2,
+            "hit_ratio": 0.5,
+            "ttft_p90_ms": 12.0,
+            "client": "c",
+        },
+        {
+            "router": "rr",
+            "workload": "w",
+            "repeat": 0,
+            "hit_ratio": 0.25,
+            "ttft_p90_ms": 14150,
+            "client": "c",
+        },
+    ]
+    merged = benchreport.aggregate(rows, ("router", "workload"))
+    assert merged == [
+        {
+            "router": "ours",
+            "workload": "w",
+            "hit_ratio": "0.5",
+            "ttft_p90_ms": "12 (10–30)",
+            "client": "c",
+            "repeats": "3",
+        },
+        {
+            "router": "rr",
+            "workload": "w",
+            "hit_ratio": "0.25",
+            "ttft_p90_ms": "14150",
+            "client": "c",
+            "repeats": "1",
+        },
+    ]
+
+
+def test_table_moves_constant_columns_below() -> None:
+    rows = [{"router": "a", "hit": "1", "client": "c"}, {"router": "b", "hit": "2", "client": "c"}]
+    text = benchreport.table(rows, ("router",))
+    assert text.splitlines()[0] == "| router | hit |"
+    assert text.splitlines()[-1] == "Same for every row: client = c."
+
+
+def test_run_rewrites_the_doc(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(HAND)
+    result = tmp_path / "live.json"
+    result.write_text(json.dumps([{"router": "ours", "workload": "multiturn", "hit_ratio": 0.46}]))
+    args = argparse.Namespace(
+        doc=doc,
+        profile="quick",
+        result=[["live", "inference-cache bench live --json live.json", str(result)]],
+    )
+    assert benchreport.run(args) == 0
+    text = doc.read_text()
+    assert text.startswith(HAND.rstrip("\n"))
+    assert "<!-- BEGIN GENERATED: machine -->" in text
+    assert "inference-cache bench live --json live.json" in text
+    assert "| ours | multiturn | 0.46 | 1 |" in text
+    # a second run replaces, never duplicates
+    assert benchreport.run(args) == 0
+    assert doc.read_text().count("<!-- BEGIN GENERATED: live -->") == 1
+
+
+def test_run_refuses_a_file_that_is_not_bench_json(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(HAND)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "an array"}')
+    args = argparse.Namespace(doc=doc, profile="quick", result=[["live", "cmd", str(bad)]])
+    assert benchreport.run(args) == 1
+    assert doc.read_text() == HAND
