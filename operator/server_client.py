@@ -28,8 +28,8 @@ import aiohttp
 
 from inference_cache.extproc import templates as templates_wire
 
-#: The server's controller listener in the operator's cluster (config/manager/operator.yaml).
-DEFAULT_SERVER_URL: Final = "http://inference-cache-server.inference-cache-system.svc:8081"
+#: The server's controller listener, from the operator's namespace (config/manager/operator.yaml).
+DEFAULT_SERVER_URL: Final = "http://inference-cache-server:8081"
 #: The projected controller token (config/manager/operator.yaml, audience inferencecache.io/controller).
 DEFAULT_TOKEN_FILE: Final = "/var/run/secrets/inferencecache.io/controller-token/token"
 #: Whole-request timeout, seconds (a snapshot of a large index is a few MiB).
