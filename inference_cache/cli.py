@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("inference_cache.extproc.serve", "run the index, the InferenceCache gRPC API and HTTP"),
     "subscribe": ("inference_cache.subscribe", "engine-pod sidecar: KV events and metrics to a server"),
     "fake-engine": ("inference_cache.fakeengine.main", "a simulated vLLM replica"),
+    "operator": ("inference_cache.operator.main", "Kubernetes operator: reconcilers and admission webhooks"),
     "demo": ("inference_cache.demo", "fake engines, server and Envoy: cache-aware vs round robin"),
 }
 

@@ -1,0 +1,288 @@
+"""``inference-cache operator``: the kopf operator process (issue #7).
+
+Owner: ``inference_cache.operator``. Place in the flow: this module parses the flags the
+operator Deployment passes (``config/manager/operator.yaml``), builds one :class:`Kube`
+for the handlers, registers the handler modules on a kopf registry, and runs kopf
+clusterwide in standalone mode (no peering) next to a small health server
+(``/healthz``: the event loop answers; ``/readyz``: kopf finished its startup). The
+handlers do the work (``operator.handlers_*``), and they decide nothing either: the pure
+``desired_*`` functions do.
+
+Webhooks are served by kopf's ``WebhookServer`` with the certificate files the
+cert-manager overlay mounts. kopf's own management of the webhook configurations is off:
+the manifests own them (paths, failure policies, CA injection). Without certificate files
+the operator refuses to start (kopf's self-signed mode needs the ``certbuilder`` package,
+and nothing would put its CA into the configurations); ``--webhook-bind-address=0``
+disables webhooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp.web
+import kopf
+import kubernetes.config
+from kubernetes import client as k8s
+
+from inference_cache.operator import backend, gateway, handlers_backend
+from inference_cache.operator.kube import Kube
+
+DEFAULT_SERVER_URL: Final = "http://inference-cache-server:8081"
+DEFAULT_SERVER_SERVICE: Final = "inference-cache-server"
+DEFAULT_TOKEN_FILE: Final = "/var/run/secrets/inferencecache.io/controller-token/token"
+DEFAULT_NAMESPACE: Final = "inference-cache-system"
+#: kopf's progress and last-handled-configuration annotations go under our API group.
+ANNOTATIONS_PREFIX: Final = backend.GROUP
+
+log = logging.getLogger(__name__)
+
+#: A bind address: ``(host, port)``; host ``None`` = every interface.
+BindAddress = tuple[str | None, int]
+
+
+def bind_address(text: str) -> BindAddress | None:
+    """``":8081"``, ``"127.0.0.1:8081"``, ``"[::1]:8081"``; ``"0"`` (or empty) disables
+    the listener, as in controller-runtime's flags of the same names."""
+    if text in ("", "0"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [host]:port or 0")
+    host = host.removeprefix("[").removesuffix("]")
+    return (host or None, int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorConfig:
+    """Everything the operator process needs, from the flags."""
+
+    namespace: str
+    server_url: str
+    server_service: str
+    extproc_port: int
+    controller_token_file: Path
+    health: BindAddress | None
+    webhook: BindAddress | None
+    webhook_service: str
+    webhook_cert_file: Path | None
+    webhook_key_file: Path | None
+    leader_elect: bool
+
+
+class ConfigError(ValueError):
+    """A flag combination the operator cannot run with (exit code 2)."""
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    cert, key = args.webhook_tls_cert_file, args.webhook_tls_key_file
+    if (cert is None) != (key is None):
+        raise ConfigError("--webhook-tls-cert-file and --webhook-tls-key-file go together")
+    if args.webhook_bind_address is not None and cert is None:
+        raise ConfigError(
+            "webhooks need --webhook-tls-cert-file and --webhook-tls-key-file (the cert-manager "
+            "overlay mounts them); kopf's self-signed certificates need the certbuilder package, "
+            "which is not installed. Disable webhooks with --webhook-bind-address=0"
+        )
+    return OperatorConfig(
+        namespace=args.namespace,
+        server_url=args.server_url,
+        server_service=args.server_service,
+        extproc_port=args.extproc_port,
+        controller_token_file=args.controller_token_file,
+        health=args.health_probe_bind_address,
+        webhook=args.webhook_bind_address,
+        webhook_service=args.webhook_service,
+        webhook_cert_file=cert,
+        webhook_key_file=key,
+        leader_elect=args.leader_elect,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="accepted for the manifests; not implemented yet: run one replica",
+    )
+    parser.add_argument(
+        "--health-probe-bind-address",
+        type=bind_address,
+        default=bind_address(":8081"),
+        metavar="ADDR",
+        help="/healthz and /readyz ([host]:port, 0 disables; default :8081)",
+    )
+    parser.add_argument(
+        "--webhook-bind-address",
+        type=bind_address,
+        default=bind_address(":9443"),
+        metavar="ADDR",
+        help="admission webhooks over TLS ([host]:port, 0 disables; default :9443)",
+    )
+    parser.add_argument(
+        "--webhook-service",
+        default="inference-cache-webhook",
+        help="the Service in front of the webhooks (the host name the certificate names)",
+    )
+    parser.add_argument("--webhook-tls-cert-file", type=Path, metavar="PEM", help="webhook serving cert")
+    parser.add_argument("--webhook-tls-key-file", type=Path, metavar="PEM", help="its private key")
+    parser.add_argument(
+        "--server-url",
+        default=DEFAULT_SERVER_URL,
+        help=f"the server's controller listener: /snapshot, /policy, /templates ({DEFAULT_SERVER_URL})",
+    )
+    parser.add_argument(
+        "--server-service",
+        default=DEFAULT_SERVER_SERVICE,
+        help="the server's Service, in the operator's namespace: the ext_proc endpoint of gateway objects",
+    )
+    parser.add_argument("--extproc-port", type=int, default=9002, help="its ext_proc Service port")
+    parser.add_argument(
+        "--controller-token-file",
+        type=Path,
+        default=Path(DEFAULT_TOKEN_FILE),
+        metavar="PATH",
+        help="projected ServiceAccount token for the server (audience inferencecache.io/controller)",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE") or DEFAULT_NAMESPACE,
+        help="the operator's namespace (default: $POD_NAMESPACE, else inference-cache-system)",
+    )
+
+
+# -- wiring --------------------------------------------------------------------------
+
+
+def backend_settings(config: OperatorConfig) -> handlers_backend.BackendHandlerSettings:
+    return handlers_backend.BackendHandlerSettings(
+        gateway=gateway.GatewaySettings(
+            service_name=config.server_service,
+            service_namespace=config.namespace,
+            extproc_port=config.extproc_port,
+        )
+    )
+
+
+LoginFn = Callable[..., Any]
+
+
+def build_registry(
+    config: OperatorConfig, kube: Kube, *, login: LoginFn = kopf.login_via_client
+) -> kopf.OperatorRegistry:
+    """A registry holding the login handler and every handler module's handlers."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry, id="login")(login)
+    handlers_backend.register(registry, kube, backend_settings(config))
+    return registry
+
+
+def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATIONS_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATIONS_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{ANNOTATIONS_PREFIX}/kopf-finalizer"
+    # Our handlers post their own transition Events; kopf's per-handler ones only on trouble.
+    settings.posting.level = logging.WARNING
+    settings.admission.managed = None
+    if config.webhook is not None:
+        host, port = config.webhook
+        settings.admission.server = kopf.WebhookServer(
+            addr=host,
+            port=port,
+            host=f"{config.webhook_service}.{config.namespace}.svc",
+            certfile=config.webhook_cert_file,
+            pkeyfile=config.webhook_key_file,
+        )
+    return settings
+
+
+@contextlib.asynccontextmanager
+async def health_server(address: BindAddress | None, ready: asyncio.Event) -> AsyncIterator[None]:
+    """``/healthz`` (200 while the loop serves) and ``/readyz`` (200 once ``ready`` is set)."""
+    if address is None:
+        yield
+        return
+
+    async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.Response(text="ok")
+
+    async def readyz(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        if ready.is_set():
+            return aiohttp.web.Response(text="ok")
+        return aiohttp.web.Response(status=503, text="starting")
+
+    app = aiohttp.web.Application()
+    app.add_routes([aiohttp.web.get("/healthz", healthz), aiohttp.web.get("/readyz", readyz)])
+    runner = aiohttp.web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        await aiohttp.web.TCPSite(runner, address[0], address[1]).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def operate(
+    config: OperatorConfig,
+    registry: kopf.OperatorRegistry,
+    *,
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+) -> None:
+    """kopf (clusterwide, standalone) and the health server, until stopped (a signal, or
+    ``stop_flag``)."""
+    ready = ready_flag or asyncio.Event()
+    async with health_server(config.health, ready):
+        await kopf.operator(
+            registry=registry,
+            settings=kopf_settings(config),
+            standalone=True,
+            clusterwide=True,
+            stop_flag=stop_flag,
+            ready_flag=ready,
+        )
+
+
+def _api_client() -> k8s.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"inference-cache operator: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.leader_elect:
+        log.warning("--leader-elect is not implemented: run a single replica")
+    try:
+        api = _api_client()
+    except kubernetes.config.ConfigException as e:
+        print(f"inference-cache operator: error: no cluster credentials: {e}", file=sys.stderr)
+        return 1
+    with api:
+        kube = Kube(api, clock=_utcnow)
+        asyncio.run(operate(config, build_registry(config, kube)))
+    return 0

@@ -1,0 +1,213 @@
+"""``inference-cache operator`` (operator/main.py): the flags the manifests pass, the exit
+code 2 for bad flags and for webhooks without certificates, kopf's settings, and the
+whole process (kopf + the health server + the CacheBackend handler) against kmock's
+Kubernetes emulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+from kubernetes import client as k8s
+
+from inference_cache import cli
+from inference_cache.operator import kube, main
+
+MANIFEST_ARGS = [
+    "--leader-elect",
+    "--health-probe-bind-address=:8081",
+    "--webhook-bind-address=:9443",
+    "--webhook-service=inference-cache-webhook",
+]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser(["operator", *argv]).parse_args(["operator", *argv])
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["operator", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in [*MANIFEST_ARGS, "--webhook-tls-cert-file", "--server-url", "--controller-token-file"]:
+        assert flag.split("=")[0] in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--no-such-flag"],
+        ["--health-probe-bind-address=8081"],
+        ["--webhook-bind-address=:99999"],
+        ["--health-probe-bind-address=host:"],
+        ["--extproc-port=x"],
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["operator", *argv])
+    assert exit_.value.code == 2
+    assert "usage: inference-cache" in capsys.readouterr().err
+
+
+def test_webhooks_without_certificates_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["operator", *MANIFEST_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "--webhook-tls-cert-file" in err and "--webhook-bind-address=0" in err
+
+
+def test_cert_without_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["operator", "--webhook-bind-address=0", f"--webhook-tls-cert-file={tmp_path / 'tls.crt'}"]
+    assert cli.main(argv) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        (":8081", (None, 8081)),
+        ("127.0.0.1:9443", ("127.0.0.1", 9443)),
+        ("[::1]:9443", ("::1", 9443)),
+        ("0", None),
+        ("", None),
+    ],
+)
+def test_bind_address(text: str, address: main.BindAddress | None) -> None:
+    assert main.bind_address(text) == address
+
+
+def test_config_from_the_manifest_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAMESPACE", "ic-system")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    config = main.config_from_args(
+        parse(*MANIFEST_ARGS, f"--webhook-tls-cert-file={cert}", f"--webhook-tls-key-file={key}")
+    )
+    assert config == main.OperatorConfig(
+        namespace="ic-system",
+        server_url="http://inference-cache-server:8081",
+        server_service="inference-cache-server",
+        extproc_port=9002,
+        controller_token_file=Path("/var/run/secrets/inferencecache.io/controller-token/token"),
+        health=(None, 8081),
+        webhook=(None, 9443),
+        webhook_service="inference-cache-webhook",
+        webhook_cert_file=cert,
+        webhook_key_file=key,
+        leader_elect=True,
+    )
+    settings = main.kopf_settings(config)
+    assert settings.admission.managed is None
+    server = settings.admission.server
+    assert isinstance(server, kopf.WebhookServer)
+    assert (server.addr, server.port, server.certfile, server.pkeyfile) == (None, 9443, cert, key)
+    assert server.host == "inference-cache-webhook.ic-system.svc"
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert settings.persistence.progress_storage.prefix == "inferencecache.io"
+    gw = main.backend_settings(config).gateway
+    assert (gw.service_name, gw.service_namespace, gw.extproc_port) == (
+        "inference-cache-server",
+        "ic-system",
+        9002,
+    )
+
+
+def test_webhooks_disabled_means_no_server() -> None:
+    config = main.config_from_args(parse("--webhook-bind-address=0"))
+    assert config.webhook is None
+    assert main.kopf_settings(config).admission.server is None
+
+
+# -- the whole process against the emulator -------------------------------------------
+
+BACKENDS = kmock.resource("inferencecache.io", "v1alpha1", "cachebackends")
+PODS = kmock.resource("", "v1", "pods")
+
+
+async def _get(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status
+
+
+async def _until(condition: Any, what: str, deadline_s: float = 20.0) -> None:
+    """Poll a real condition with a bounded deadline (I/O across kopf's threads)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while not await condition():
+        if loop.time() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_operator_reconciles_a_backend_and_reports_health(
+    kmock: kmock.KubernetesEmulator,
+    samples: dict[str, dict[str, Any]],
+    unused_tcp_port: int,
+) -> None:
+    kmock.resources["inferencecache.io/v1alpha1/cachebackends"] = kmock.ResourceInfo(
+        kind="CacheBackend", namespaced=True, verbs={"list", "watch", "patch", "get"}, subresources={"status"}
+    )
+    # kopf waits for these in discovery before it starts watching.
+    kmock.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list"})
+    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
+    )
+    cr = copy.deepcopy(samples["cache_v1alpha1_cachebackend_routing.yaml"])
+    cr["metadata"] |= {"namespace": "llm", "uid": "u-1", "generation": 1, "resourceVersion": "1"}
+    kmock.objects[BACKENDS, "llm", cr["metadata"]["name"]] = cr
+    kmock["list", PODS] << {"metadata": {}, "items": []}
+    kmock["list", kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] << {
+        "metadata": {},
+        "items": [],
+    }
+
+    config = main.config_from_args(
+        parse("--webhook-bind-address=0", f"--health-probe-bind-address=127.0.0.1:{unused_tcp_port}")
+    )
+
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"))
+
+    api_config = k8s.Configuration(host=str(kmock.url).rstrip("/"))
+    api_config.retries = 0
+    stop, ready = asyncio.Event(), asyncio.Event()
+    with k8s.ApiClient(api_config) as api:
+        registry = main.build_registry(config, kube.Kube(api, timeout_s=10), login=login)
+        task = asyncio.create_task(main.operate(config, registry, stop_flag=stop, ready_flag=ready))
+        try:
+            health = f"http://127.0.0.1:{unused_tcp_port}"
+
+            async def serving() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    return await _get(f"{health}/healthz") == 200
+                return False
+
+            await _until(serving, "/healthz")
+
+            async def ready_() -> bool:
+                return await _get(f"{health}/readyz") == 200
+
+            await _until(ready_, "/readyz")
+            assert ready.is_set()
+
+            async def reconciled() -> bool:
+                status = kmock.objects[BACKENDS, "llm", cr["metadata"]["name"]].get("status") or {}
+                return "conditions" in status
+
+            await _until(reconciled, "the CacheBackend status")
+            status = kmock.objects[BACKENDS, "llm", cr["metadata"]["name"]]["status"]
+            assert status["matchedEnginePods"] == 0
+            assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "NoEnginePods"
+            assert status["observedGeneration"] == 1
+            assert status["gateway"] == {"emitted": [], "skipped": []}
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=30)
