@@ -98,22 +98,22 @@ def test_table_moves_constant_columns_below() -> None:
 def test_run_rewrites_the_doc(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text(HAND)
-    result = tmp_path / "live.json"
+    result = tmp_path / "routing.json"
     result.write_text(json.dumps([{"router": "ours", "workload": "multiturn", "hit_ratio": 0.46}]))
     args = argparse.Namespace(
         doc=doc,
         profile="quick",
-        result=[["live", "inference-cache bench live --json live.json", str(result)]],
+        result=[["routing", "inference-cache bench routing --json routing.json", str(result)]],
     )
     assert benchreport.run(args) == 0
     text = doc.read_text()
     assert text.startswith(HAND.rstrip("\n"))
     assert "<!-- BEGIN GENERATED: machine -->" in text
-    assert "inference-cache bench live --json live.json" in text
-    assert "| ours | multiturn | 0.46 | 1 |" in text
+    assert "inference-cache bench routing --json routing.json" in text
+    assert "| ours | multiturn | 0.46 | 1 |" in text  # identity, hit_ratio, repeats
     # a second run replaces, never duplicates
     assert benchreport.run(args) == 0
-    assert doc.read_text().count("<!-- BEGIN GENERATED: live -->") == 1
+    assert doc.read_text().count("<!-- BEGIN GENERATED: routing -->") == 1
 
 
 def test_run_refuses_a_file_that_is_not_bench_json(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ def test_medians_and_ratio_to_the_reference() -> None:
             "hit_ratio",
             "ideal_hit_ratio",
             "hit_over_ideal",
+            "ttft_mean_ms",
             "ttft_p50_ms",
             "ttft_p99_ms",
             "latency_p50_ms",
@@ -104,3 +105,16 @@ async def test_smoke_ours_and_round_robin() -> None:
         if r["router"] == "ours":  # one request at a time: every earlier prefix is reusable
             assert r["ideal_hit_ratio"] > 0
             assert r["hit_ratio"] == r["ideal_hit_ratio"]
+
+
+def test_targets_read_the_medians() -> None:
+    same = {"workload": "w", "hit_ratio": 0.8, "ideal_hit_ratio": 0.8}
+    rows = [
+        {"router": "ours", **same, "ttft_p90_ms": 45.0},
+        {"router": livebench.REFERENCE_ROUTER, **same, "ttft_p90_ms": 50.0},
+    ]
+    lines = livebench.targets(rows)
+    assert lines[0].endswith("(met)")
+    assert lines[1].endswith("= 0.90x (met)")
+    rows[0]["ttft_p90_ms"], rows[0]["hit_ratio"] = 60.0, 0.7
+    assert [line.endswith("(NOT met)") for line in livebench.targets(rows)] == [True, True]
