@@ -35,7 +35,15 @@ import kopf
 import kubernetes.config
 from kubernetes import client as k8s
 
-from inference_cache.operator import backend, gateway, handlers_backend
+from inference_cache.operator import (
+    backend,
+    gateway,
+    handlers_backend,
+    handlers_controlplane,
+    handlers_webhooks,
+    server_client,
+    webhook,
+)
 from inference_cache.operator.kube import Kube
 
 DEFAULT_SERVER_URL: Final = "http://inference-cache-server:8081"
@@ -180,10 +188,22 @@ LoginFn = Callable[..., Any]
 def build_registry(
     config: OperatorConfig, kube: Kube, *, login: LoginFn = kopf.login_via_client
 ) -> kopf.OperatorRegistry:
-    """A registry holding the login handler and every handler module's handlers."""
+    """A registry holding the login handler and every handler module's handlers: the
+    CacheBackend reconciler, the control-plane loops (``/policy``, ``/snapshot``,
+    ``/templates`` against ``config.server_url``) and, unless webhooks are disabled, the
+    admission handlers (kopf stops the operator when admission handlers have no server)."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry, id="login")(login)
     handlers_backend.register(registry, kube, backend_settings(config))
+    server = server_client.ServerClient(
+        server_client.ServerClientSettings(url=config.server_url, token_file=config.controller_token_file)
+    )
+    plane = handlers_controlplane.ControlPlane(
+        kube, server, handlers_controlplane.ControlPlaneSettings(observed_server=config.server_url)
+    )
+    handlers_controlplane.register(registry, plane)
+    if config.webhook is not None:
+        handlers_webhooks.register(registry, kube, webhook.WebhookSettings())
     return registry
 
 

@@ -211,3 +211,18 @@ async def test_operator_reconciles_a_backend_and_reports_health(
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.mark.parametrize("webhooks", [True, False])
+def test_registry_holds_every_handler_module(tmp_path: Path, webhooks: bool) -> None:
+    argv = [f"--webhook-tls-cert-file={tmp_path / 'c'}", f"--webhook-tls-key-file={tmp_path / 'k'}"]
+    config = main.config_from_args(parse(*(argv if webhooks else ["--webhook-bind-address=0"])))
+    registry = main.build_registry(config, kube.Kube(k8s.ApiClient()))
+    changing = {h.id for h in registry._changing.get_all_handlers()}
+    assert {"reconcile-create", "reconcile-update", "reconcile-resume"} <= changing
+    activities = {h.id for h in registry._activities.get_all_handlers()}
+    assert {"login", "control-plane-start", "control-plane-stop"} <= activities
+    admission = {h.id for h in registry._webhooks.get_all_handlers()}
+    # kopf refuses to run admission handlers without a server: none when disabled.
+    assert ("mutate--v1-pod" in admission) is webhooks
+    assert bool(admission) is webhooks
