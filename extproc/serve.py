@@ -11,6 +11,8 @@ Owner: ``inference_cache.extproc``. ``inference_cache.cli`` maps ``serve`` here
     aiohttp control   --snapshot-bind-address  /snapshot /policy /templates (ServiceAccount auth)
     index sweep ticker                          Index.sweep() every sweep_interval_s
     one EndpointWorker per endpoints[] entry    probe + KV events + stats scrape
+    template warm-up (``warmup.enabled``)       the config's templates at start, then
+                                                every PUT /templates (extproc/warmup.py)
 
 Flags are the original's (``--grpc-bind-address`` ... ``--log-level``; ``:port`` = all
 interfaces) plus ``--config FILE`` and the producer options:
@@ -58,7 +60,7 @@ from inference_cache import __version__ as _version
 from inference_cache import config as config_mod
 from inference_cache import enginestats
 from inference_cache import tokenizer as tokenizer_mod
-from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, templates, tls
+from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, templates, tls, warmup
 from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
 from inference_cache.index import policy as policy_mod
 from inference_cache.index import snapshot, store
@@ -412,7 +414,8 @@ class Server:
         self.workers: list[endpoints.EndpointWorker] = []
         self._ready: dict[str, bool] = {}
         #: PromptTemplates: the config's ``templates:`` until ``PUT /templates`` replaces them.
-        self.templates = templates.TemplateStore(load_templates(config))
+        initial_templates = load_templates(config)
+        self.templates = warmup.WatchedTemplateStore(initial_templates)
         self.metrics = ServerMetrics(
             read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
         )
@@ -433,6 +436,12 @@ class Server:
             observer=self.metrics.extproc,
             templates=self.templates,
         )
+        #: Pre-fills new template revisions (``None`` unless ``warmup.enabled``).
+        self.warmer: warmup.Warmer | None = None
+        if config.warmup.enabled:
+            self.warmer = warmup.Warmer(self.picker, config.warmup, registry=self.metrics.registry)
+            self.warmer.changed(initial_templates)
+            self.templates.on_replace = self.warmer.changed
         self._reviewer = reviewer
         self._clock = clock
         self._monotonic = monotonic
@@ -614,6 +623,8 @@ class Server:
             self._tasks.append(asyncio.create_task(worker.run(), name=f"endpoint:{e.address}"))
         self._tasks.append(asyncio.create_task(self._sweep_ticker(), name="index-sweep"))
         self._tasks.append(asyncio.create_task(self._picker_ticker(), name="picker-sweep"))
+        if self.warmer is not None:
+            self.warmer.start()
         if self._freeze_gc:
             freeze_long_lived()
         self.addresses = BoundAddresses(
@@ -649,6 +660,8 @@ class Server:
                 await server.stop(grace)
         for runner in self._runners:
             await runner.cleanup()
+        if self.warmer is not None:
+            await self.warmer.stop()
         for task in self._tasks:
             task.cancel()
         results = await asyncio.gather(*self._tasks, return_exceptions=True)

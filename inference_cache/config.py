@@ -31,6 +31,11 @@ File layout (every key optional except where noted)::
       - namespace: team-a       # required: usable from this tenant (and spec.allowedNamespaces)
         name: support           # required: requests name it team-a/support
         spec: {body: "...", slots: [...]}   # a PromptTemplate spec, decoded strictly
+    warmup:                     # pre-fill each template's stable prefix (extproc/warmup.py)
+      enabled: false            # off by default
+      replicas: 1               # replicas per model, the picker's top choices
+      max_concurrency: 4        # warm-up requests in flight at once
+      timeout_s: 30.0           # per warm-up request
 
 Precedence for ``server`` settings: flag > environment (``INFERENCE_CACHE_<KEY>`` upper case)
 > file > default. Decoding is strict: an unknown key or a wrongly typed value is an error that
@@ -104,6 +109,13 @@ class ServerSettings:
     #: Add ``x-inference-cache-decision`` to responses (reveals cache state: debugging only).
     debug_decision_header: bool = False
 
+    @classmethod
+    def loopback(cls, **overrides: Any) -> ServerSettings:
+        """Every listener on an ephemeral 127.0.0.1 port, no controller auth: what the demo,
+        the benchmarks and the tests run in-process."""
+        binds = {f"{name}_bind_address": "127.0.0.1:0" for name in ("grpc", "http", "snapshot", "extproc")}
+        return cls(**{**binds, "insecure_disable_auth": True, **overrides})
+
 
 @dataclass(frozen=True, slots=True)
 class LoraAdapter:
@@ -156,6 +168,28 @@ class TemplateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WarmupSettings:
+    """Template warm-up (``extproc.warmup``): when a template appears or changes, pre-fill
+    its stable prefix on the picker's top ``replicas`` of every model with a tokenizer."""
+
+    enabled: bool = False
+    #: Replicas per model that get the prefix (the picker's top choices for it).
+    replicas: int = 1
+    #: Warm-up requests in flight at once (over all templates and models).
+    max_concurrency: int = 4
+    #: Seconds each warm-up request may take.
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"warmup.replicas: must be >= 1, got {self.replicas}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"warmup.max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"warmup.timeout_s: must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: tuple[ModelConfig, ...] = ()
@@ -170,6 +204,8 @@ class Config:
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     #: PromptTemplates served until the operator (``PUT /templates``) replaces them.
     templates: tuple[TemplateConfig, ...] = ()
+    #: Pre-filling the templates' stable prefixes (off by default).
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)

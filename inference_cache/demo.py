@@ -49,6 +49,7 @@ import grpc
 from inference_cache import config as config_mod
 from inference_cache import demo_workload, envoy
 from inference_cache.demo_workload import Message, Step, WorkloadSettings
+from inference_cache.extproc import templates as templates_mod
 from inference_cache.extproc.serve import Server
 from inference_cache.fakeengine import main as fakeengine
 from inference_cache.fakeengine.scheduler import TimeModel
@@ -272,6 +273,17 @@ class Cluster:
         except aiohttp.ClientError as e:
             raise DemoError(f"{name} {path}: {e}") from e
 
+    async def put_templates(self, stored: Sequence[templates_mod.StoredTemplate]) -> None:
+        """Replace the server's PromptTemplates as the operator does (``PUT /templates``)."""
+        assert self.server.addresses is not None
+        url = f"http://{self.server.addresses.snapshot}/templates"
+        try:
+            async with self.session.put(url, data=templates_mod.encode(stored)) as response:
+                if response.status != 204:
+                    raise DemoError(f"PUT /templates: HTTP {response.status}: {await response.text()}")
+        except aiohttp.ClientError as e:
+            raise DemoError(f"PUT /templates: {e}") from e
+
     def held(self, name: str, token_ids: Sequence[int]) -> int:
         """Tokens of ``token_ids``' leading run in ``name``'s prefix cache, capped as a hit."""
         cache = self.engines[name].engine.cache
@@ -321,9 +333,12 @@ def server_config(
     *,
     routing: str = "cache-aware",
     extproc_port: int = 0,
+    warmup: config_mod.WarmupSettings | None = None,
+    templates: Sequence[config_mod.TemplateConfig] = (),
 ) -> config_mod.Config:
     """The server's configuration: every engine (events, replay, ``/metrics``), the model
-    with the engines' tokenizer (precise matching), loopback listeners."""
+    with the engines' tokenizer (precise matching), loopback listeners, and the template
+    warm-up when ``warmup`` is given (templates arrive by ``PUT /templates``)."""
     config = config_mod.Config(
         server=config_mod.ServerSettings(
             grpc_bind_address="127.0.0.1:0",
@@ -350,6 +365,8 @@ def server_config(
             for r in engines.values()
         ),
         stats_interval_s=settings.stats_interval_s,
+        warmup=warmup or config_mod.WarmupSettings(),
+        templates=tuple(templates),
     )
     config_mod.validate(config)
     return config
@@ -363,9 +380,14 @@ async def attach_server(
     *,
     routing: str = "cache-aware",
     extproc_port: int = 0,
+    warmup: config_mod.WarmupSettings | None = None,
+    templates: Sequence[config_mod.TemplateConfig] = (),
 ) -> Cluster:
     """A server on ``engines`` (stopped by ``stack``)."""
-    server = Server(server_config(settings, engines, routing=routing, extproc_port=extproc_port))
+    config = server_config(
+        settings, engines, routing=routing, extproc_port=extproc_port, warmup=warmup, templates=templates
+    )
+    server = Server(config)
     stack.push_async_callback(server.stop, 0.1)
     addresses = await server.start()
     channel = grpc.aio.insecure_channel(addresses.grpc)
