@@ -22,8 +22,17 @@ capped as vLLM caps a hit: the last prompt token is always recomputed). A follow
 when the answering engine held the longest run (any engine, when no engine held a block)
 and reported exactly that many ``cached_tokens``.
 
+Templated requests (``demo_workload.TemplatedStep``) run first in each mode: the server gets
+the PromptTemplates by ``PUT /templates`` after the reset; with the warm-up on (the
+default, ``--no-warmup`` turns it off) the demo waits until it has pre-filled each
+template's stable prefix and the index has the engines' events, then asks each template
+its questions through Envoy (the body names the template; the server renders it). The
+first request of each template *hit* when it landed (as above) on a holder of its stable
+blocks.
+
 Exit status: 0 when the cache-aware run's hit ratio (cached / prompt tokens) beats round
-robin's and every cache-aware follow-up landed; 1 otherwise or on a failure; 130 on Ctrl-C.
+robin's, every cache-aware follow-up landed and, with the warm-up on, every template's
+first cache-aware request hit; 1 otherwise or on a failure; 130 on Ctrl-C.
 Everything started is stopped on every path (one ``AsyncExitStack``).
 """
 
@@ -47,7 +56,7 @@ import aiohttp
 import grpc
 
 from inference_cache import config as config_mod
-from inference_cache import demo_workload, envoy
+from inference_cache import demo_workload, envoy, render
 from inference_cache.demo_workload import Message, Step, WorkloadSettings
 from inference_cache.extproc import templates as templates_mod
 from inference_cache.extproc.serve import Server
@@ -88,6 +97,8 @@ class DemoSettings:
     sync_timeout_s: float = 10.0
     #: Seconds between the server's scrapes of each engine's ``/metrics``.
     stats_interval_s: float = 1.0
+    #: Pre-fill each template's stable prefix (``warmup.enabled``) before its requests.
+    warmup: bool = True
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -107,6 +118,9 @@ class Row:
     """The engine that answered (``x-engine-address``)."""
     cached_tokens: int
     ttft_s: float
+    #: A request naming a PromptTemplate; ``template_first``: that template's first.
+    templated: bool = False
+    template_first: bool = False
 
     @property
     def best(self) -> int:
@@ -162,6 +176,21 @@ class Run:
     def landed(self) -> int:
         return sum(r.landed for r in self.follow_ups)
 
+    @property
+    def template_firsts(self) -> list[Row]:
+        return [r for r in self.rows if r.template_first]
+
+    @property
+    def first_hits(self) -> int:
+        """Templates whose first request landed on a holder of cached blocks."""
+        return sum(r.landed and r.cached_tokens > 0 for r in self.template_firsts)
+
+    @property
+    def templated_hit_ratio(self) -> float:
+        rows = [r for r in self.rows if r.templated]
+        prompt = sum(r.prompt_tokens for r in rows)
+        return sum(r.cached_tokens for r in rows) / prompt if prompt else 0.0
+
 
 def percentile(values: Sequence[float], p: int) -> float:
     """The ``p``-th percentile (1..99), interpolated between closest ranks; 0 for no values."""
@@ -176,9 +205,10 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-def verdict(aware: Run, baseline: Run) -> Verdict:
-    """Pass when routing by cache beats round robin on hit ratio and every cache-aware
-    follow-up landed on the engine holding its longest cached prefix."""
+def verdict(aware: Run, baseline: Run, *, warmup: bool = False) -> Verdict:
+    """Pass when routing by cache beats round robin on hit ratio, every cache-aware
+    follow-up landed on the engine holding its longest cached prefix and, with the
+    ``warmup`` on, every template's first cache-aware request hit."""
     reasons = []
     if not aware.hit_ratio > baseline.hit_ratio:
         reasons.append(
@@ -188,6 +218,9 @@ def verdict(aware: Run, baseline: Run) -> Verdict:
     missed = [r.label for r in aware.follow_ups if not r.landed]
     if missed:
         reasons.append(f"cache-aware follow-ups not on their prefix's engine: {', '.join(missed)}")
+    cold = [r.label for r in aware.template_firsts if not (r.landed and r.cached_tokens > 0)]
+    if warmup and cold:
+        reasons.append(f"with the warm-up on, first template requests that did not hit: {', '.join(cold)}")
     return Verdict(not reasons, tuple(reasons))
 
 
@@ -515,11 +548,83 @@ async def run_workload(
     return run
 
 
+async def run_templated(
+    cluster: Cluster,
+    settings: DemoSettings,
+    workload: demo_workload.Workload,
+    url: str,
+    routing: str,
+    progress: TextIO,
+) -> list[Row]:
+    """Ask each template its questions through Envoy (``url``), one streamed request at a
+    time; the ground truth renders the template as the server does."""
+    names = {cluster.address(n): n for n in cluster.engines}
+    specs = {name: render.TemplateSpec.from_dict(spec) for name, spec in workload.templates}
+    engine = next(iter(cluster.engines))
+    rows = []
+    for i, step in enumerate(workload.templated, start=1):
+        variables = {"question": step.question}
+        messages = render.render(specs[step.template], variables).messages
+        assert messages is not None  # the demo's templates are chat templates
+        plain = {
+            "model": MODEL,
+            "messages": [m.to_openai() for m in messages],
+            "max_tokens": settings.max_tokens,
+        }
+        rendered = await cluster.post(engine, "/v1/chat/completions/render", plain)
+        held = {name: cluster.held(name, rendered["token_ids"]) for name in cluster.engines}
+        ref = f"{settings.tenant}/{step.template}"
+        body = {
+            "model": MODEL,
+            "template": {"name": ref, "variables": variables},
+            "max_tokens": settings.max_tokens,
+        }
+        answer = await stream_chat(cluster.session, f"{url}/v1/chat/completions", body)
+        if answer.engine_address not in names:
+            raise DemoError(f"{step.label}: answered by {answer.engine_address!r}, not one of the engines")
+        row = Row(
+            step.label,
+            not step.first,
+            answer.prompt_tokens,
+            held,
+            names[answer.engine_address],
+            answer.cached_tokens,
+            answer.ttft_s,
+            templated=True,
+            template_first=step.first,
+        )
+        rows.append(row)
+        mark = ""
+        if step.first:
+            mark = "  hit" if row.landed and row.cached_tokens else "  cold"
+        elif routing == MODES[0]:
+            mark = "  ok" if row.landed else "  MISSED"
+        _say(
+            progress,
+            f"  {routing} [{i:>3}/{len(workload.templated)}] {row.label:<14} -> {row.sent_to} "
+            f"cached {row.cached_tokens:>5}/{row.prompt_tokens:<5} TTFT {1e3 * row.ttft_s:6.1f} ms{mark}",
+        )
+    return rows
+
+
+async def prepare_templates(
+    cluster: Cluster, settings: DemoSettings, workload: demo_workload.Workload
+) -> None:
+    """Push the workload's templates; with the warm-up on, wait until it has pre-filled
+    them and the index has applied the engines' events."""
+    stored = [templates_mod.build(settings.tenant, name, spec) for name, spec in workload.templates]
+    await cluster.put_templates(stored)
+    if cluster.server.warmer is not None:
+        await asyncio.wait_for(cluster.server.warmer.settled(), settings.sync_timeout_s)
+        await cluster.wait_ingested(settings.sync_timeout_s)
+
+
 @dataclass
 class Report:
     engines: Sequence[str]
     envoy: str
     runs: list[Run] = field(default_factory=list)
+    warmup: bool = False
 
 
 async def run_demo(settings: DemoSettings, progress: TextIO) -> Report:
@@ -531,13 +636,22 @@ async def run_demo(settings: DemoSettings, progress: TextIO) -> Report:
         session = await stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         )
-        report = Report(engines=[f"{n}=127.0.0.1:{r.port}" for n, r in engines.items()], envoy="")
+        report = Report(
+            engines=[f"{n}=127.0.0.1:{r.port}" for n, r in engines.items()], envoy="", warmup=settings.warmup
+        )
+        warm = config_mod.WarmupSettings(enabled=True) if settings.warmup else None
         proxy: envoy.EnvoyProcess | None = None
         extproc_port = 0
         for routing in MODES:
             async with contextlib.AsyncExitStack() as server_stack:
                 cluster = await attach_server(
-                    settings, engines, session, server_stack, routing=routing, extproc_port=extproc_port
+                    settings,
+                    engines,
+                    session,
+                    server_stack,
+                    routing=routing,
+                    extproc_port=extproc_port,
+                    warmup=warm,
                 )
                 assert cluster.server.addresses is not None
                 extproc = cluster.server.addresses.extproc
@@ -551,13 +665,23 @@ async def run_demo(settings: DemoSettings, progress: TextIO) -> Report:
                     _say(progress, f"envoy: {report.envoy}")
                 await cluster.reset(settings.sync_timeout_s)
                 await wait_routable(session, proxy.url, settings.sync_timeout_s)
+                rows: list[Row] = []
+                if workload.templated:
+                    await prepare_templates(cluster, settings, workload)
+                    state = "on" if settings.warmup else "off"
+                    _say(
+                        progress,
+                        f"{routing}: {len(workload.templated)} templated requests "
+                        f"({len(workload.templates)} templates, warm-up {state})",
+                    )
+                    rows = await run_templated(cluster, settings, workload, proxy.url, routing, progress)
                 _say(
                     progress,
                     f"{routing}: {len(workload.first)} first turns, {len(workload.follow_ups)} follow-ups",
                 )
-                report.runs.append(
-                    await run_workload(cluster, settings, workload, proxy.url, routing, progress)
-                )
+                run = await run_workload(cluster, settings, workload, proxy.url, routing, progress)
+                run.rows[:0] = rows
+                report.runs.append(run)
         _say(progress, "stopping")
     return report
 
@@ -603,16 +727,24 @@ def format_report(report: Report) -> str:
             "follow-ups on holder",
             [f"{run.landed}/{len(run.follow_ups)}" for run in report.runs],
         ),
+        ("templated hit ratio", [f"{100 * run.templated_hit_ratio:.1f}%" for run in report.runs]),
+        ("template first hits", [f"{run.first_hits}/{len(run.template_firsts)}" for run in report.runs]),
     ]
     col = max(len(v) for _, values in rows for v in values) + 2
     lines += [f"{label:<{width}}" + "".join(f"{v:<{col}}" for v in values).rstrip() for label, values in rows]
-    result = verdict(aware, baseline)
+    result = verdict(aware, baseline, warmup=report.warmup)
     lines.append("")
     if result.ok:
+        firsts = (
+            f"; with the warm-up on, every template's first request hit ({aware.first_hits}/"
+            f"{len(aware.template_firsts)})"
+            if report.warmup and aware.template_firsts
+            else ""
+        )
         lines.append(
             f"PASS: cache-aware hit ratio {100 * aware.hit_ratio:.1f}% > round robin "
             f"{100 * baseline.hit_ratio:.1f}%; every cache-aware follow-up "
-            f"({aware.landed}/{len(aware.follow_ups)}) landed on the engine holding its prefix"
+            f"({aware.landed}/{len(aware.follow_ups)}) landed on the engine holding its prefix{firsts}"
         )
     else:
         lines += [f"FAIL: {reason}" for reason in result.reasons]
@@ -647,6 +779,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--conversations", type=int, default=12, help="multi-turn chats")
     p.add_argument("--turns", type=int, default=4, help="turns per chat")
     p.add_argument("--rag-requests", type=int, default=12, help="requests sharing retrieved documents")
+    p.add_argument("--templates", type=int, default=2, help="PromptTemplates of the templated requests")
+    p.add_argument("--template-requests", type=int, default=3, help="questions asked of each template")
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="do not pre-fill the templates' stable prefixes (the warm-up is on by default)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--envoy",
@@ -664,8 +804,15 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         )
     if not (tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer).is_file():
         raise DemoError(f"{tokenizer}: no tokenizer.json there")
-    if args.engines < 1 or args.conversations < 0 or args.turns < 1 or args.rag_requests < 0:
-        raise DemoError("--engines and --turns must be >= 1; --conversations and --rag-requests >= 0")
+    if (
+        args.engines < 1
+        or args.turns < 1
+        or min(args.conversations, args.rag_requests, args.templates, args.template_requests) < 0
+    ):
+        raise DemoError(
+            "--engines and --turns must be >= 1; --conversations, --rag-requests, --templates "
+            "and --template-requests >= 0"
+        )
     try:
         binary = args.envoy or envoy.find_envoy()
     except envoy.EnvoyError as e:
@@ -679,9 +826,15 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         block_size=args.block_size,
         seed=args.seed,
         workload=WorkloadSettings(
-            seed=args.seed, conversations=args.conversations, turns=args.turns, rag_requests=args.rag_requests
+            seed=args.seed,
+            conversations=args.conversations,
+            turns=args.turns,
+            rag_requests=args.rag_requests,
+            templates=args.templates,
+            template_requests=args.template_requests,
         ),
         envoy=binary,
+        warmup=args.warmup,
     )
 
 
@@ -700,7 +853,7 @@ async def main(args: argparse.Namespace, out: TextIO, progress: TextIO) -> int:
         _say(progress, f"demo failed: {e}")
         return 1
     print(format_report(report), file=out, flush=True)
-    return 0 if verdict(*report.runs).ok else 1
+    return 0 if verdict(*report.runs, warmup=report.warmup).ok else 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,19 +7,25 @@ prefixes the way production traffic does:
 * multi-turn chats: every follow-up re-sends the whole conversation (system prompt, earlier
   turns, the assistant's replies) plus one new user message;
 * RAG: a system prompt, then retrieved documents drawn from a small hot set (requests that
-  retrieved the same first document share that prefix), then a question.
+  retrieved the same first document share that prefix), then a question;
+* templated requests: a few PromptTemplates (chat templates: a long literal system message,
+  then a Mutable ``question``), each asked several questions. Requests name the template
+  (``template.name``, ``template.variables``); the server renders them.
 
 The workload is two phases: :attr:`Workload.first` (conversation openers and the first RAG
 requests, placed without the index) and :attr:`Workload.follow_ups` (later turns and the
 remaining RAG requests, interleaved across conversations so they compete for cache space).
 Each :class:`Step` names a conversation; the driver keeps that conversation's history,
 appends :attr:`Step.messages`, and after the engine answers appends the reply.
+:attr:`Workload.templated` comes before both phases (:class:`TemplatedStep`, the questions
+interleaved across templates, so each template's first request is its first anywhere).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 Message = tuple[str, str]
 """``(role, content)``."""
@@ -44,6 +50,12 @@ PERSONAS = (
     "You are a contracts analyst. Summarise clauses faithfully, flag obligations and deadlines, "
     "and quote the exact wording when a term is ambiguous.",
 )
+TEMPLATE_PERSONAS = (
+    "You are the on-call assistant of a storage cluster. Follow the runbook below to the letter.",
+    "You are the release manager of a mobile app. Apply the release checklist below.",
+    "You are a payroll assistant. Answer only from the payroll rules below.",
+    "You are a travel desk agent. Book and change trips following the policy below.",
+)
 RAG_SYSTEM = (
     "You answer questions using only the documents provided below. If the documents do not "
     "contain the answer, say so. Quote document titles when you use them."
@@ -60,9 +72,23 @@ class Step:
 
 
 @dataclass(frozen=True)
+class TemplatedStep:
+    """One request naming the PromptTemplate ``template`` with this ``question``."""
+
+    label: str
+    template: str
+    question: str
+    first: bool
+    """The template's first request."""
+
+
+@dataclass(frozen=True)
 class Workload:
     first: tuple[Step, ...]
     follow_ups: tuple[Step, ...]
+    templates: tuple[tuple[str, dict[str, Any]], ...] = ()
+    """``(name, PromptTemplate spec)`` of the templated requests."""
+    templated: tuple[TemplatedStep, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,9 @@ class WorkloadSettings:
     system_words: int = 160
     turn_words: int = 30
     document_words: int = 140
+    templates: int = 2
+    template_requests: int = 3
+    """Questions asked of each template."""
 
 
 def _sentences(rng: random.Random, words: int) -> str:
@@ -89,9 +118,40 @@ def _sentences(rng: random.Random, words: int) -> str:
     return " ".join(out)
 
 
+def template_spec(persona: str, rules: str) -> dict[str, Any]:
+    """A chat PromptTemplate: the long system message is literal, the question Mutable."""
+    return {
+        "messages": [
+            {"role": "system", "body": f"{persona}\n\n{rules}"},
+            {"role": "user", "body": "{{.question}}"},
+        ],
+        "slots": [{"name": "question", "type": "Mutable", "required": True, "maxLength": 2000}],
+    }
+
+
+def _templated(
+    rng: random.Random, s: WorkloadSettings
+) -> tuple[list[tuple[str, dict[str, Any]]], list[TemplatedStep]]:
+    specs = [
+        (
+            f"desk-{i + 1}",
+            template_spec(TEMPLATE_PERSONAS[i % len(TEMPLATE_PERSONAS)], _sentences(rng, s.system_words)),
+        )
+        for i in range(s.templates)
+    ]
+    steps = [
+        TemplatedStep(f"{name} q{q + 1}", name, _sentences(rng, s.turn_words // 2) + "?", q == 0)
+        for q in range(s.template_requests)
+        for name, _spec in specs
+    ]
+    return specs, steps
+
+
 def generate(settings: WorkloadSettings) -> Workload:
     rng = random.Random(settings.seed)
     s = settings
+    # The templates come from their own generator: adding them leaves the rest unchanged.
+    specs, templated = _templated(random.Random(f"templates-{settings.seed}"), s)
     systems = [f"{persona}\n\nOperating notes:\n{_sentences(rng, s.system_words)}" for persona in PERSONAS]
     rag_system = f"{RAG_SYSTEM}\n\n{_sentences(rng, s.system_words // 2)}"
     documents = [f"# Document {i + 1}\n{_sentences(rng, s.document_words)}" for i in range(s.documents)]
@@ -131,4 +191,4 @@ def generate(settings: WorkloadSettings) -> Workload:
         follow_ups += later_rag[(t - 1) * share : t * share]
     if s.turns < 2:
         follow_ups += later_rag
-    return Workload(tuple(first), tuple(follow_ups))
+    return Workload(tuple(first), tuple(follow_ups), tuple(specs), tuple(templated))

@@ -1,5 +1,6 @@
 """``inference-cache demo`` end to end, in-process: fake engines, the server and a real Envoy
-(``make envoy``), a small workload routed cache-aware then round robin through one Envoy.
+(``make envoy``), a small workload (templated requests with the warm-up on, chats, RAG)
+routed cache-aware then round robin through one Envoy.
 
 The Qwen tokenizer (``make tokenizer``, built before ``make test``) when present, else the
 committed tiny one. Asserts the printed summary and the exit code, not timings.
@@ -32,6 +33,7 @@ async def test_the_demo_routes_follow_ups_to_their_prefix_and_beats_round_robin(
         args(
             *("--tokenizer", str(tokenizer), "--num-gpu-blocks", blocks, "--engines", "3", "--seed", "3"),
             *("--conversations", "4", "--turns", "3", "--rag-requests", "4"),
+            *("--templates", "2", "--template-requests", "2"),
         ),
         out,
         progress,
@@ -40,14 +42,17 @@ async def test_the_demo_routes_follow_ups_to_their_prefix_and_beats_round_robin(
     assert status == 0, progress.getvalue() + report
     summary = {line[:22].strip(): line[22:].split() for line in report.splitlines() if line[:22].strip()}
     assert ["cache-aware", "round-robin"] in [line.split() for line in report.splitlines()]
-    # 4 + 2 first requests, 4 * 2 + 2 follow-ups per run, all answered by the 3 engines
+    # 2 + 2 templated, 4 + 2 first requests, 4 * 2 + 2 follow-ups per run, all answered by the 3 engines
     for counts in (summary["requests per engine"][:3], summary["requests per engine"][3:]):
         assert [c.split(":")[0] for c in counts] == ["e1", "e2", "e3"]
-        assert sum(int(c.split(":")[1]) for c in counts) == 16
+        assert sum(int(c.split(":")[1]) for c in counts) == 20
     assert summary["prompt tokens"][0] == summary["prompt tokens"][1]  # the same prompts twice
     aware, baseline = (float(r.rstrip("%")) for r in summary["hit ratio"])
     assert aware > baseline
-    assert summary["follow-ups on holder"][0] == "10/10"
+    assert summary["follow-ups on holder"][0] == "12/12"  # the templates' second requests too
+    # with the warm-up on, each template's first request hit its pre-filled stable prefix
+    assert summary["template first hits"][0] == "2/2"
+    assert "warm-up on" in progress.getvalue()
     assert re.search(r"^PASS: cache-aware hit ratio", report, re.MULTILINE), report
     assert "envoy:   http://127.0.0.1:" in report
     assert "round-robin" in progress.getvalue() and "stopping" in progress.getvalue()

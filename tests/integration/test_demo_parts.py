@@ -164,3 +164,29 @@ def test_flags_become_settings(tmp_path: Path) -> None:
     assert (settings.engines, settings.seed, settings.envoy) == (3, 7, str(binary))
     assert settings.num_gpu_blocks == 320  # not the Qwen tokenizer
     assert settings.workload == WorkloadSettings(seed=7, conversations=2, turns=2, rag_requests=0)
+
+
+def test_with_the_warm_up_on_a_cold_first_template_request_fails_the_demo() -> None:
+    first = dataclasses.replace(
+        LANDED, label="desk-1 q1", follow_up=False, templated=True, template_first=True
+    )
+    cold = dataclasses.replace(first, held={"e1": 0, "e2": 0, "e3": 0}, cached_tokens=0)
+    baseline = run("round-robin", [dataclasses.replace(first, sent_to="e2", cached_tokens=0)])
+    assert demo.verdict(run("cache-aware", [first]), baseline, warmup=True).ok
+    assert run("cache-aware", [first]).first_hits == 1
+    result = demo.verdict(run("cache-aware", [cold, LANDED]), baseline, warmup=True)
+    assert result.reasons == ("with the warm-up on, first template requests that did not hit: desk-1 q1",)
+    assert demo.verdict(run("cache-aware", [cold, LANDED]), baseline).ok  # warm-up off: not required
+
+
+def test_the_templated_workload_asks_every_template_in_turn() -> None:
+    w = demo_workload.generate(WorkloadSettings(templates=2, template_requests=3))
+    assert [name for name, _spec in w.templates] == ["desk-1", "desk-2"]
+    assert [(s.label, s.first) for s in w.templated[:3]] == [
+        ("desk-1 q1", True),
+        ("desk-2 q1", True),
+        ("desk-1 q2", False),
+    ]
+    assert len(w.templated) == 6
+    # the templates do not change the rest of the workload
+    assert w.first == demo_workload.generate(WorkloadSettings(templates=0)).first
