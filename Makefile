@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-index bench-extproc bench-recovery compose-test clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers bench-index bench-extproc bench-recovery compose-test clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -18,7 +18,8 @@ help:
 	@echo "make proto      regenerate the gRPC stubs from proto/"
 	@echo "make manifests  regenerate config/crd/bases (from operator/crds.py) and config/install.yaml"
 	@echo "make compose-test  examples/envoy/docker-compose.yml with Docker (testcontainers)"
-	@echo "make bench      run the benchmarks (writes docs/benchmarks.md figures by hand for now)"
+	@echo "make bench      quick benchmark profile (routing, live vs peer routers, extproc, index); rewrites docs/benchmarks.md's generated sections"
+	@echo "make bench-full the whole benchmark matrix with repeats"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -113,7 +114,49 @@ manifests: venv kubectl
 demo: venv tokenizer envoy
 	$(VENV)/bin/inference-cache demo
 
-bench: bench-index bench-extproc
+# Peer routers for `bench live` (sglang-router, vllm-router), each in .tools/peers/<name>.
+peers:
+	-$(PYTHON) hack/peers.py
+
+# `make bench`: a quick profile (about 3 minutes here once peers are installed) of routing,
+# live, extproc and index; `make bench-full`: the whole matrix with repeats. Both rewrite the
+# generated sections of docs/benchmarks.md (inference_cache/benchreport.py).
+BENCH_OUT := bench-results
+REPORT    := $(PY) -m inference_cache.benchreport --doc docs/benchmarks.md
+Q_ROUTING := inference-cache bench routing --json $(BENCH_OUT)/routing.json
+Q_LIVE    := inference-cache bench live --repeats 3 --json $(BENCH_OUT)/live.json
+Q_EXTPROC := inference-cache bench extproc --sizes 1k,8k --requests 100 --warmup 10 --json $(BENCH_OUT)/extproc.json
+Q_INDEX   := inference-cache bench index --quick --json $(BENCH_OUT)/index.json
+
+bench: venv tokenizer envoy peers
+	@mkdir -p $(BENCH_OUT)
+	$(VENV)/bin/$(Q_ROUTING)
+	$(VENV)/bin/$(Q_LIVE)
+	$(VENV)/bin/$(Q_EXTPROC)
+	$(VENV)/bin/$(Q_INDEX)
+	$(REPORT) --profile quick \
+	  --result routing "$(Q_ROUTING)" $(BENCH_OUT)/routing.json \
+	  --result live "$(Q_LIVE)" $(BENCH_OUT)/live.json \
+	  --result extproc "$(Q_EXTPROC)" $(BENCH_OUT)/extproc.json \
+	  --result index "$(Q_INDEX)" $(BENCH_OUT)/index.json
+
+F_REPEATS := 1 2 3
+bench-full: venv tokenizer envoy peers
+	@mkdir -p $(BENCH_OUT)/full
+	for w in mooncake shared_prefix multiturn rag; do \
+	  $(VENV)/bin/inference-cache bench routing --workload $$w --json $(BENCH_OUT)/full/routing-$$w.json || exit 1; done
+	$(VENV)/bin/inference-cache bench live --repeats 3 --concurrency 8 --groups 16 --questions 8 --sessions 16 --turns 6 \
+	  --json $(BENCH_OUT)/full/live.json
+	for i in $(F_REPEATS); do \
+	  $(VENV)/bin/inference-cache bench extproc --json $(BENCH_OUT)/full/extproc-$$i.json || exit 1; \
+	  $(VENV)/bin/inference-cache bench index --json $(BENCH_OUT)/full/index-$$i.json || exit 1; done
+	$(REPORT) --profile full \
+	  --result routing "inference-cache bench routing --workload W --json routing-W.json (W = mooncake, shared_prefix, multiturn, rag)" \
+	    $(BENCH_OUT)/full/routing-*.json \
+	  --result live "inference-cache bench live --repeats 3 --concurrency 8 --groups 16 --questions 8 --sessions 16 --turns 6 --json live.json" \
+	    $(BENCH_OUT)/full/live.json \
+	  --result extproc "inference-cache bench extproc --json extproc-N.json (N = 1..3)" $(BENCH_OUT)/full/extproc-*.json \
+	  --result index "inference-cache bench index --json index-N.json (N = 1..3)" $(BENCH_OUT)/full/index-*.json
 
 bench-index: venv
 	$(VENV)/bin/inference-cache bench index --json bench-index.json
