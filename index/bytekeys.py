@@ -1,0 +1,293 @@
+"""Token ids -> the exact bytes of the prompt, and the auxiliary byte-chain keys (issue #9).
+
+Owner: ``inference_cache.index``. Two pieces, both off the request path:
+
+* ``ByteTable`` (one per model, built once from its ``tokenizers.Tokenizer``): the bytes
+  each token id stands for. Byte-level BPE (Qwen, Llama 3, GPT-OSS, DeepSeek) maps every
+  vocabulary string back through the inverse of GPT-2's ``bytes_to_unicode``; added and
+  special tokens are their literal text. A model is byte-recoverable only when its
+  decoder is ``ByteLevel`` and a self-check passes: for built-in samples (ASCII, CJK,
+  emoji, code, whitespace runs, every added token) the concatenated bytes of
+  ``encode(text)`` equal the normalised text byte for byte. SentencePiece (``Metaspace``
+  decoders, ``▁`` and ``<0xNN>`` byte fallback) is marked not byte-recoverable: its
+  prepended ``▁`` makes the request bytes depend on where the text was cut.
+* ``ByteIndex`` (one per model): fed from the same ``BlockStored`` information as the
+  ``Index`` (each block's token ids, its parent's prefix hash and its own key from
+  ``index.fingerprint``). Per block it stores an auxiliary edge
+  ``edge = XXH3_64(BYTE_SEED, le_u64(parent) ++ le_u64(XXH3_64(BYTE_SEED, block bytes)))``
+  -> the block's token-chain key, and per node (a token-chain prefix, or the chain's
+  root) the byte lengths of its children, so the request-side walk
+  (``index.bytematch``) knows which slice lengths to hash. The walk turns request bytes
+  into the token-chain keys the ``Index`` already holds; ``Index.longest_prefix`` then
+  does per-replica runs, freshness and TTL exactly as on the token path. These entries
+  are auxiliary: never counted in the index's entry caps or quotas, never in
+  ``/snapshot``; ``approx_bytes`` reports their memory separately.
+
+Everything is keyed per ``Scope`` and refcounted per replica, so ``blocks_removed`` and
+``replica_cleared`` undo exactly what a replica stored.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+import xxhash
+from tokenizers import Tokenizer
+
+from inference_cache.index import fingerprint
+from inference_cache.index.types import Scope
+
+#: Seed of the byte-chain hashes (distinct from the token fingerprint's 1337).
+BYTE_SEED = 7331
+#: The parent of a fresh, unsalted chain (a salted chain starts at ``fingerprint.salt_root``).
+ROOT = 0
+_pair = struct.Struct("<QQ")
+_xxh = xxhash.xxh3_64_intdigest
+_U64 = (1 << 64) - 1
+
+#: Self-check texts: what a prompt holds (the added tokens are appended per model).
+SELF_CHECK_SAMPLES = (
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "你好，世界。日本語のテキストと한국어 문장도 있습니다。",
+    "emoji 🎉🚀👩‍👩‍👧 and flags 🇫🇷 with café naïve Ångström",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tif x:\n\t\tpass\r\n",
+    "   leading spaces, trailing spaces   \n\n\n  \t mixed\u00a0nbsp",
+    '{"key": [1, 2.5e-3, null], "path": "C:\\\\tmp\\\\x"}',
+)
+
+
+@cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's ``bytes_to_unicode`` (what ``ByteLevel`` maps bytes to)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {chr(b): b for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
+
+
+def edge_key(parent: int, content: int) -> int:
+    """The byte-chain key of a block whose bytes hash to ``content`` after node ``parent``."""
+    return _xxh(_pair.pack(parent & _U64, content), BYTE_SEED)
+
+
+def content_hash(data: bytes | memoryview) -> int:
+    return _xxh(data, BYTE_SEED)
+
+
+@dataclass(frozen=True)
+class ByteTable:
+    """A model's token id -> bytes map, and whether request bytes can stand for its tokens."""
+
+    #: ``pieces[id]``: the bytes of token ``id`` (``None``: not recoverable, e.g. a gap).
+    pieces: tuple[bytes | None, ...]
+    #: Byte matching is exact for this model (decoder supported and the self-check passed).
+    recoverable: bool
+    #: Why not (empty when recoverable), for the once-logged notice and ``/metrics``.
+    reason: str = ""
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> ByteTable:
+        """Build the table and run the self-check (a few ms; once per model at start-up)."""
+        decoder = type(tokenizer.decoder).__name__ if tokenizer.decoder is not None else None
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        pieces: list[bytes | None] = [None] * size
+        added = tokenizer.get_added_tokens_decoder()
+        if decoder != "ByteLevel":
+            return cls(tuple(pieces), False, f"decoder {decoder or 'none'} is not ByteLevel")
+        inverse = _unicode_to_byte()
+        latin1 = {ord(c): b for c, b in inverse.items()}
+        for text, i in tokenizer.get_vocab(with_added_tokens=False).items():
+            if i < size and inverse.keys() >= set(text):
+                pieces[i] = text.translate(latin1).encode("latin-1")
+        for i, tok in added.items():
+            if i < size:
+                pieces[i] = tok.content.encode("utf-8")
+        table = cls(tuple(pieces), True)
+        bad = table.self_check(tokenizer, [t.content for t in added.values() if t.content])
+        return table if bad is None else cls(table.pieces, False, bad)
+
+    def self_check(self, tokenizer: Tokenizer, specials: Sequence[str] = ()) -> str | None:
+        """``None`` when every sample's token bytes equal its normalised text, else why not."""
+        samples = [*SELF_CHECK_SAMPLES]
+        if specials:
+            samples.append("x" + " a ".join(specials) + "\ny" + "".join(specials))
+        for text in samples:
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            got = self.join(ids)
+            want = normalize(tokenizer, text).encode("utf-8")
+            if got != want:
+                return f"self-check failed on {text[:24]!r}"
+        return None
+
+    def join(self, ids: Sequence[int]) -> bytes | None:
+        """The bytes of ``ids`` (``None`` when one has no known bytes)."""
+        pieces = self.pieces
+        try:
+            parts = [pieces[i] for i in ids]
+        except IndexError:
+            return None
+        if None in parts:
+            return None
+        return b"".join(parts)  # type: ignore[arg-type]  # no None left
+
+    def length(self, token_id: int) -> int:
+        piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else None
+        return -1 if piece is None else len(piece)
+
+
+def normalize(tokenizer: Tokenizer, text: str) -> str:
+    """The tokenizer's normalizer applied to ``text`` (identity without one)."""
+    norm = tokenizer.normalizer
+    return text if norm is None else str(norm.normalize_str(text))
+
+
+class _ScopeBytes:
+    """The byte chain of one scope, shared by its replicas (refcounted per holder)."""
+
+    __slots__ = ("children", "edges", "replicas")
+
+    def __init__(self) -> None:
+        #: node (token prefix hash, ``ROOT`` or a salt root) -> child byte length -> refs.
+        self.children: dict[int, dict[int, int]] = {}
+        #: byte edge key -> token prefix hash of the block it stands for -> refs.
+        self.edges: dict[int, dict[int, int]] = {}
+        #: replica -> token prefix hash -> ``(edge, parent, byte length)``.
+        self.replicas: dict[str, dict[int, tuple[int, int, int]]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class ChainView:
+    """Read access to one scope's byte chain (valid only inside ``ByteIndex.reading``)."""
+
+    children: Mapping[int, Mapping[int, int]]
+    edges: Mapping[int, Mapping[int, int]]
+
+
+_EMPTY = ChainView({}, {})
+
+
+class ByteIndex:
+    """Auxiliary byte-chain keys of one model's cached blocks. Thread-safe (one lock)."""
+
+    def __init__(self, table: ByteTable, block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.table = table
+        self.block_size = block_size
+        self._lock = threading.Lock()
+        self._scopes: dict[Scope, _ScopeBytes] = {}
+        #: Replica x block entries held (the auxiliary count, never the index's cap unit).
+        self.entries = 0
+        #: Blocks not indexed because a token id has no known bytes.
+        self.unmapped_blocks = 0
+
+    def blocks_stored(
+        self,
+        scope: Scope,
+        replica_id: str,
+        parent: int | None,
+        keys: Sequence[bytes],
+        token_ids: Sequence[int],
+    ) -> None:
+        """Blocks ``keys`` (our fingerprint keys, chained) of ``replica_id`` with their token
+        ids (``block_size`` per key); ``parent`` is the prefix hash before ``keys[0]``
+        (``None``: a fresh unsalted chain; a salted chain passes its salt root)."""
+        bs = self.block_size
+        if not self.table.recoverable or len(token_ids) != len(keys) * bs:
+            return
+        node = ROOT if parent is None else parent
+        with self._lock:
+            sc = self._scopes.get(scope)
+            if sc is None:
+                sc = self._scopes[scope] = _ScopeBytes()
+            held = sc.replicas.setdefault(replica_id, {})
+            for i, key in enumerate(keys):
+                tok = fingerprint.key_int(key)
+                data = self.table.join(token_ids[i * bs : (i + 1) * bs])
+                if data is None:
+                    self.unmapped_blocks += len(keys) - i
+                    break
+                if tok not in held:
+                    edge = edge_key(node, content_hash(data))
+                    held[tok] = (edge, node, len(data))
+                    refs = sc.edges.setdefault(edge, {})
+                    refs[tok] = refs.get(tok, 0) + 1
+                    lengths = sc.children.setdefault(node, {})
+                    lengths[len(data)] = lengths.get(len(data), 0) + 1
+                    self.entries += 1
+                node = tok
+            if not held:
+                del sc.replicas[replica_id]
+
+    def blocks_removed(self, scope: Scope, replica_id: str, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            sc = self._scopes.get(scope)
+            held = sc.replicas.get(replica_id) if sc is not None else None
+            if sc is None or held is None:
+                return
+            for key in keys:
+                entry = held.pop(fingerprint.key_int(key), None)
+                if entry is not None:
+                    self._unref(sc, fingerprint.key_int(key), entry)
+            self._prune(scope, sc, replica_id)
+
+    def replica_cleared(self, replica_id: str, *, model: str, tenant: str) -> None:
+        """Drop every block of the replica under ``(tenant, model)`` (all schemes, adapters)."""
+        with self._lock:
+            for scope, sc in list(self._scopes.items()):
+                if scope.model != model or scope.tenant != tenant:
+                    continue
+                held = sc.replicas.get(replica_id)
+                for tok, entry in (held or {}).items():
+                    self._unref(sc, tok, entry)
+                if held is not None:
+                    held.clear()
+                    self._prune(scope, sc, replica_id)
+
+    def _unref(self, sc: _ScopeBytes, tok: int, entry: tuple[int, int, int]) -> None:
+        edge, parent, length = entry
+        self.entries -= 1
+        refs = sc.edges[edge]
+        refs[tok] -= 1
+        if refs[tok] <= 0:
+            del refs[tok]
+            if not refs:
+                del sc.edges[edge]
+        lengths = sc.children[parent]
+        lengths[length] -= 1
+        if lengths[length] <= 0:
+            del lengths[length]
+            if not lengths:
+                del sc.children[parent]
+
+    def _prune(self, scope: Scope, sc: _ScopeBytes, replica_id: str) -> None:
+        if not sc.replicas.get(replica_id, True):
+            del sc.replicas[replica_id]
+        if not sc.replicas:
+            del self._scopes[scope]
+
+    @contextmanager
+    def reading(self, scope: Scope) -> Iterator[ChainView]:
+        """The scope's byte chain under the lock (keep the walk short: it blocks ingest)."""
+        with self._lock:
+            sc = self._scopes.get(scope)
+            yield _EMPTY if sc is None else ChainView(sc.children, sc.edges)
+
+    def holds(self, scope: Scope, replica_id: str) -> int:
+        """Blocks of ``replica_id`` in ``scope`` (tests, debugging)."""
+        with self._lock:
+            sc = self._scopes.get(scope)
+            return len(sc.replicas.get(replica_id, {})) if sc is not None else 0

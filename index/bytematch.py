@@ -1,0 +1,259 @@
+"""Request bytes -> the cached blocks they cover, without tokenizing (issue #9).
+
+Owner: ``inference_cache.index``; called on the request path (the ext_proc picker) in
+place of ``tokenize -> fingerprint.chain_keys``. Data flow::
+
+    rendered prompt --request_bytes (normaliser, BOS)--> bytes
+      --walk over ByteIndex (hash the next slice of each child length; first miss stops)-->
+      token-chain keys of the leading blocks whose bytes the request starts with
+      --boundary check--> keys (the last block dropped while its end is not a token
+      boundary of the request) --> Index.longest_prefix (unchanged)
+
+Why the boundary check: a cached block's bytes can be a prefix of the request while its
+final token merged differently with what followed it (``"hel" + "lo"`` cached after
+``"hel"`` ended a word; the request's ``"hello"`` is one token). BPE merges never cross
+a pre-token, and inside one pre-token the tokens left of a token boundary are the BPE of
+the left part alone; so the request's tokens up to the block's end equal the cached ones
+when that end is (a) an added-token edge, (b) a pre-token boundary of the request, or
+(c) a token boundary of the BPE of the request's pre-token that contains it. The check
+runs the tokenizer's own pre-tokenizer and model on that one pre-token (a few bytes).
+Tokenizers without a usable pre-tokenizer or a BPE model fall back to dropping the last
+block unless it ends at an added-token edge or the end of the request (``drop_last``,
+reported separately).
+
+Known limit: blocks the engine generated (decode output) hold the model's tokens, which
+need not be the tokenizer's canonical tokens for the same bytes; bytes then claim what
+the token path would not.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Literal
+
+import xxhash
+from tokenizers import Tokenizer
+
+from inference_cache.index import bytekeys, fingerprint
+from inference_cache.index.types import Scope
+
+Boundary = Literal["none", "end", "exact", "dropped", "drop_last"]
+
+#: Bytes of context on each side of a boundary given to the pre-tokenizer (doubled while
+#: the pre-token holding the boundary is cut by the window, up to ``_MAX_WINDOW``).
+_WINDOW = 256
+_MAX_WINDOW = 16384
+#: Request bytes per token assumed for the uncached rest when nothing matched.
+DEFAULT_BYTES_PER_TOKEN = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class ByteMatch:
+    """The leading cached blocks of a request, as token-chain keys for ``Index.longest_prefix``."""
+
+    keys: tuple[bytes, ...]
+    #: Request bytes those blocks cover.
+    matched_bytes: int
+    #: Blocks the walk matched before the boundary check.
+    walked_blocks: int
+    #: ``none`` (nothing walked), ``end`` (the request ends there), ``exact`` (the check
+    #: passed), ``dropped`` (the check removed blocks), ``drop_last`` (fallback rule).
+    boundary: Boundary
+    #: Request length in bytes.
+    total_bytes: int
+
+    @property
+    def blocks(self) -> int:
+        return len(self.keys)
+
+    def matched_tokens(self, block_size: int) -> int:
+        return self.blocks * block_size
+
+    def estimated_total_tokens(self, block_size: int) -> int:
+        """Prompt length in tokens for the cost model: the matched blocks plus the rest at
+        the matched part's bytes per token (``DEFAULT_BYTES_PER_TOKEN`` without one)."""
+        matched = self.matched_tokens(block_size)
+        rest = self.total_bytes - self.matched_bytes
+        if rest <= 0:
+            return matched
+        per = self.matched_bytes / matched if matched else DEFAULT_BYTES_PER_TOKEN
+        return matched + max(1, round(rest / per))
+
+
+class ByteMatcher:
+    """Matches one model's requests against its ``ByteIndex``; stateless between calls."""
+
+    def __init__(self, tokenizer: Tokenizer, index: bytekeys.ByteIndex) -> None:
+        self.tokenizer = tokenizer
+        self.index = index
+        self.table = index.table
+        added = sorted(
+            {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.content},
+            key=len,
+            reverse=True,
+        )
+        self._added = re.compile("|".join(map(re.escape, added)).encode()) if added else None
+        pre = tokenizer.pre_tokenizer
+        #: The tokenizer's own pre-tokenizer and BPE can be replayed around a boundary.
+        self.replicable = pre is not None and type(tokenizer.model).__name__ == "BPE"
+        #: Pre-token strings are byte-level characters (one per byte).
+        self._byte_pieces = pre is not None and pre.pre_tokenize_str("é")[0][0] != "é"
+        self._bos, self._eos = _special_affixes(tokenizer, self.table)
+
+    @property
+    def usable(self) -> bool:
+        return self.table.recoverable
+
+    def request_bytes(self, text: str, *, add_special_tokens: bool = False) -> bytes | None:
+        """The bytes the engine's tokens of ``text`` stand for: the normaliser applied and,
+        with ``add_special_tokens``, the post-processor's prefix (``None``: it also appends
+        tokens, which bytes cannot place)."""
+        body = bytekeys.normalize(self.tokenizer, text).encode("utf-8")
+        if not add_special_tokens:
+            return body
+        if self._bos is None or self._eos:
+            return None
+        return self._bos + body
+
+    def match(self, scope: Scope, data: bytes, *, salt: str | None = None) -> ByteMatch:
+        """Walk the byte chain of ``scope`` over ``data`` (from ``request_bytes``)."""
+        root = fingerprint.salt_root(salt) if salt else bytekeys.ROOT
+        ends, keys = self._walk(scope, data, root)
+        walked = len(keys)
+        if not keys:
+            return ByteMatch((), 0, 0, "none", len(data))
+        boundary: Boundary
+        if ends[-1] == len(data):
+            boundary = "end"
+        else:
+            while keys and not self._is_boundary(data, ends[-1]):
+                keys.pop()
+                ends.pop()
+            exact = len(keys) == walked
+            boundary = "drop_last" if not self.replicable else "exact" if exact else "dropped"
+        return ByteMatch(
+            tuple(fingerprint.key_bytes(k) for k in keys),
+            ends[-1] if ends else 0,
+            walked,
+            boundary,
+            len(data),
+        )
+
+    def _walk(self, scope: Scope, data: bytes, root: int) -> tuple[list[int], list[int]]:
+        """(end offset, token prefix hash) of each leading block whose bytes ``data`` continues
+        with; where two children match, the one ending on a request token boundary wins."""
+        view = memoryview(data)
+        n = len(data)
+        ends: list[int] = []
+        toks: list[int] = []
+        node, pos = root, 0
+        seed = bytekeys.BYTE_SEED
+        edge_key = bytekeys.edge_key
+        with self.index.reading(scope) as chain:
+            children, edges = chain.children, chain.edges
+            while (lengths := children.get(node)) is not None:
+                hasher = xxhash.xxh3_64(seed=seed)
+                done = pos
+                found: list[tuple[int, int]] = []
+                for length in sorted(lengths):
+                    end = pos + length
+                    if end > n:
+                        break
+                    hasher.update(view[done:end])
+                    done = end
+                    refs = edges.get(edge_key(node, hasher.intdigest()))
+                    if refs:
+                        found.append((end, max(refs, key=lambda t: (refs[t], t))))
+                if not found:
+                    break
+                if len(found) > 1:
+                    found = [f for f in found if self._is_boundary(data, f[0])] or found
+                pos, node = found[-1]
+                ends.append(pos)
+                toks.append(node)
+        return ends, toks
+
+    def _is_boundary(self, data: bytes, at: int) -> bool:
+        """Whether the request's tokens end exactly at byte ``at`` with the same tokens a
+        cached block ending there holds (see the module docstring)."""
+        if at >= len(data):
+            return True
+        window = _WINDOW
+        while True:
+            verdict = self._check(data, at, window)
+            if verdict is not None:
+                return verdict
+            if window >= _MAX_WINDOW:
+                return False
+            window *= 2
+
+    def _check(self, data: bytes, at: int, window: int) -> bool | None:
+        """The verdict from ``window`` bytes each side (``None``: the window cut the
+        pre-token holding ``at``; retry wider)."""
+        lo = _char_start(data, max(0, at - window))
+        hi = _char_start(data, min(len(data), at + window))
+        seg_lo, seg_hi = lo, hi
+        if self._added is not None:
+            for m in self._added.finditer(data, lo, hi):
+                a, b = m.span()
+                if a < at < b:
+                    return False
+                if at in (a, b):
+                    return True
+                if b < at:
+                    seg_lo = b
+                elif a > at:
+                    seg_hi = a
+                    break
+        if not self.replicable:
+            return False
+        cut_left = seg_lo == lo and lo > 0
+        cut_right = seg_hi == hi and hi < len(data)
+        text = data[seg_lo:seg_hi].decode("utf-8", "replace")
+        pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        if self._byte_pieces:
+            sizes = [len(p) for p, _ in pieces]
+        else:
+            sizes = [len(p.encode("utf-8")) for p, _ in pieces]
+        bounds = list(accumulate(sizes, initial=seg_lo))
+        if bounds[-1] != seg_hi:  # pieces do not tile the segment (a removing pre-tokenizer)
+            return False
+        n = len(sizes)
+        i = bisect_left(bounds, at)
+        if bounds[i] == at:  # a pre-token boundary, unless the window's cut made it
+            return None if (cut_left and i <= 1) or (cut_right and i >= n - 1) else True
+        if (cut_left and i == 1) or (cut_right and i == n):
+            return None
+        piece = pieces[i - 1][0]
+        offset = at - bounds[i - 1]
+        pos = 0
+        for token in self.tokenizer.model.tokenize(piece):
+            size = len(token.value) if self._byte_pieces else self.table.length(token.id)
+            if size < 0:
+                return False
+            pos += size
+            if pos >= offset:
+                return pos == offset
+        return False
+
+
+def _char_start(data: bytes, i: int) -> int:
+    """``i`` moved back to the first byte of the UTF-8 character it falls in."""
+    while 0 < i < len(data) and data[i] & 0xC0 == 0x80:
+        i -= 1
+    return i
+
+
+def _special_affixes(tokenizer: Tokenizer, table: bytekeys.ByteTable) -> tuple[bytes | None, bytes]:
+    """Bytes the post-processor puts before and after a text with ``add_special_tokens``
+    (``None`` before: they cannot be told apart)."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            before, after = table.join(full[:k]), table.join(full[k + len(plain) :])
+            return before, b"\0" if after is None else after
+    return None, b""

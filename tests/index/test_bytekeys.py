@@ -1,0 +1,136 @@
+"""``index.bytekeys``: the token id -> bytes table (which models are byte-recoverable) and
+the auxiliary byte-chain index fed from stored blocks."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import xxhash
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from inference_cache.index import bytekeys, fingerprint
+from inference_cache.index.types import Scope
+
+REPO = Path(__file__).resolve().parents[2]
+QWEN = REPO / ".cache" / "tokenizers" / "qwen" / "tokenizer.json"
+TINY = REPO / "tests" / "data" / "tiny-tokenizer" / "tokenizer.json"
+SCOPE = Scope("t", "m", "vllm", "")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "naïve café"] * 20
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Tokenizer:
+    if not QWEN.exists():
+        pytest.skip("the Qwen tokenizer is built by `make tokenizer`")
+    return Tokenizer.from_file(str(QWEN))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Tokenizer:
+    return Tokenizer.from_file(str(TINY))
+
+
+def test_qwen_is_byte_recoverable(qwen: Tokenizer) -> None:
+    table = bytekeys.ByteTable.of(qwen)
+    assert table.recoverable, table.reason
+    text = "Ünïcödé 你好 🎉 <|im_start|>user\n  def f():\n\treturn 1<|im_end|>"
+    ids = qwen.encode(text, add_special_tokens=False).ids
+    assert table.join(ids) == text.encode()
+    assert table.pieces[qwen.token_to_id("<|im_end|>")] == b"<|im_end|>"
+    # a token holding part of a UTF-8 character: its raw bytes, not text
+    hieroglyph = qwen.encode("𓀀", add_special_tokens=False).ids
+    assert len(hieroglyph) == 3
+    assert [table.pieces[i] for i in hieroglyph] == [b"\xf0\x93", b"\x80", b"\x80"]
+
+
+def test_tiny_tokenizer_is_byte_recoverable(tiny: Tokenizer) -> None:
+    table = bytekeys.ByteTable.of(tiny)
+    assert table.recoverable, table.reason
+    assert table.join(tiny.encode("hello world", add_special_tokens=False).ids) == b"hello world"
+
+
+def test_sentencepiece_style_tokenizer_is_not_byte_recoverable() -> None:
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+    table = bytekeys.ByteTable.of(tok)
+    assert not table.recoverable
+    assert "Metaspace" in table.reason
+
+
+def test_byte_level_decoder_without_byte_level_vocab_fails_the_self_check() -> None:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # drops the spaces: bytes lost
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+    table = bytekeys.ByteTable.of(tok)
+    assert not table.recoverable
+    assert table.reason.startswith("self-check failed")
+
+
+def test_edge_key_is_pinned() -> None:
+    # The byte-chain definition (module docstring); a change re-keys every aux entry.
+    assert bytekeys.content_hash(b"hello") == bytekeys.content_hash(memoryview(b"xhello")[1:])
+    content = xxhash.xxh3_64_intdigest(b"hello", seed=7331)
+    parent = fingerprint.salt_root("s")
+    want = xxhash.xxh3_64_intdigest(struct.pack("<QQ", parent, content), seed=7331)
+    assert bytekeys.edge_key(parent, bytekeys.content_hash(b"hello")) == want
+    assert bytekeys.edge_key(bytekeys.ROOT, content) == 15916993665974071258
+
+
+def _blocks(tok: Tokenizer, text: str, bs: int, salt: str | None = None) -> tuple[list[bytes], list[int]]:
+    ids = tok.encode(text, add_special_tokens=False).ids
+    keys = fingerprint.chain_keys(ids, bs, salt=salt)
+    return keys, ids[: len(keys) * bs]
+
+
+def test_index_refcounts_replicas_and_undoes_removals(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 4)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over the lazy dog again", 4)
+    assert len(keys) >= 3
+    idx.blocks_stored(SCOPE, "a", None, keys, ids)
+    idx.blocks_stored(SCOPE, "a", None, keys, ids)  # a refresh adds nothing
+    idx.blocks_stored(SCOPE, "b", None, keys[:2], ids[:8])
+    assert idx.entries == len(keys) + 2
+    assert (idx.holds(SCOPE, "a"), idx.holds(SCOPE, "b")) == (len(keys), 2)
+    first = tiny.decode(ids[:4]).encode()
+    with idx.reading(SCOPE) as chain:
+        assert dict(chain.children[bytekeys.ROOT]) == {len(first): 2}
+        edge = bytekeys.edge_key(bytekeys.ROOT, bytekeys.content_hash(first))
+        assert dict(chain.edges[edge]) == {fingerprint.key_int(keys[0]): 2}
+    idx.blocks_removed(SCOPE, "a", keys)
+    assert idx.entries == 2 and idx.holds(SCOPE, "a") == 0
+    idx.replica_cleared("b", model="m", tenant="t")
+    assert idx.entries == 0
+    with idx.reading(SCOPE) as chain:
+        assert not chain.children and not chain.edges
+
+
+def test_salted_chain_starts_at_the_salt_root(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 4)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox", 4, salt="s")
+    idx.blocks_stored(SCOPE, "a", fingerprint.salt_root("s"), keys, ids)
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.children) >= {fingerprint.salt_root("s")}
+        assert bytekeys.ROOT not in chain.children
+
+
+def test_unknown_token_ids_and_bad_lengths_are_not_indexed(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2)
+    keys = fingerprint.chain_keys([1, 2, 3, 10**6], 2)
+    idx.blocks_stored(SCOPE, "a", None, keys, [1, 2, 3, 10**6])
+    assert (idx.entries, idx.unmapped_blocks) == (1, 1)
+    idx.blocks_stored(SCOPE, "a", None, keys, [1, 2, 3])  # not blocks x block size
+    assert idx.entries == 1
+    with pytest.raises(ValueError, match="block_size"):
+        bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 0)
+
+
+def test_non_recoverable_model_indexes_nothing() -> None:
+    table = bytekeys.ByteTable((b"a", b"b"), False, "decoder Metaspace is not ByteLevel")
+    idx = bytekeys.ByteIndex(table, 1)
+    idx.blocks_stored(SCOPE, "a", None, fingerprint.chain_keys([0, 1], 1), [0, 1])
+    assert idx.entries == 0
