@@ -60,6 +60,9 @@ async def start() -> AsyncIterator[Start]:
             warm: config_mod.WarmupSettings | None = None,
             initial: tuple[config_mod.TemplateConfig, ...] = (),
         ) -> demo.Cluster:
+            """Engines and a server; without ``initial`` templates, once the server has the
+            engines' events (``connect`` pings lagging engines with ``/reset_prefix_cache``,
+            which would wipe what a warm-up at start pre-filled)."""
             settings = demo.DemoSettings(
                 tokenizer=TOKENIZER, engines=engines, num_gpu_blocks=320, tenant=TENANT
             )
@@ -70,7 +73,8 @@ async def start() -> AsyncIterator[Start]:
             cluster = await demo.attach_server(
                 settings, running, session, stack, warmup=warm, templates=initial
             )
-            await cluster.connect(10)
+            if not initial:
+                await cluster.connect(10)
             return cluster
 
         yield start
