@@ -88,13 +88,7 @@ class Bench:
 
     async def new_server(self) -> Server:
         cfg = config_mod.Config(
-            server=config_mod.ServerSettings(
-                grpc_bind_address="127.0.0.1:0",
-                http_bind_address="127.0.0.1:0",
-                snapshot_bind_address="127.0.0.1:0",
-                extproc_bind_address="127.0.0.1:0",
-                insecure_disable_auth=True,
-            ),
+            server=config_mod.ServerSettings.loopback(),
             models=(config_mod.ModelConfig(name=MODEL, block_size=BS, tokenizer=str(self.tokenizer)),),
             endpoints=tuple(
                 config_mod.EndpointConfig(

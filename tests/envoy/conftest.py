@@ -390,14 +390,7 @@ def server_config(
     scoring: ScoringSettings | None = None,
     **server: Any,
 ) -> config_mod.Config:
-    settings = config_mod.ServerSettings(
-        grpc_bind_address="127.0.0.1:0",
-        http_bind_address="127.0.0.1:0",
-        snapshot_bind_address="127.0.0.1:0",
-        extproc_bind_address="127.0.0.1:0",
-        insecure_disable_auth=True,
-        **{"debug_decision_header": True, **server},
-    )
+    settings = config_mod.ServerSettings.loopback(**{"debug_decision_header": True, **server})
     cfg = config_mod.Config(
         server=settings,
         models=(config_mod.ModelConfig(name=MODEL, block_size=BS, tokenizer=str(QWEN)),),
