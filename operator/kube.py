@@ -3,8 +3,8 @@
 Owner: ``inference-cache operator`` (issue #7). Data flow: the kopf handlers
 (``operator.handlers_*``) read observed objects through :class:`Kube`, hand them to the
 pure ``desired_*`` functions, and write the results back through it (server-side apply,
-deletes, status merge patches, Events). kopf itself talks to the API with its own client
-for watching; everything the handlers do goes through here.
+deletes, status merge patches, merge and strategic patches, Events). kopf itself talks to
+the API with its own client for watching; everything the handlers do goes through here.
 
 Objects are plain JSON dicts (what the pure functions consume and produce), addressed by
 ``(apiVersion, kind, namespace, name)``; the REST path is built from a plural table (our
@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import urllib3
 from kubernetes import client as k8s
@@ -41,6 +41,13 @@ _EVENT_MESSAGE_MAX: Final = 1024
 #: Error messages are cut here so a large Status never floods the log.
 _ERROR_MESSAGE_MAX: Final = 512
 _LIST_PAGE: Final = 500
+
+#: ``Kube.patch`` kinds: JSON merge patch, or Kubernetes' strategic merge patch.
+PatchType = Literal["merge", "strategic"]
+_PATCH_CONTENT_TYPES: Final[dict[str, str]] = {
+    "merge": "application/merge-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+}
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +281,26 @@ class Kube:
         except NotFound:
             return False
         return True
+
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        patch_type: PatchType = "merge",
+    ) -> Obj:
+        """Patch an object: a JSON merge patch (RFC 7386, ``"merge"``) or a strategic merge
+        patch (``"strategic"``: lists of built-in kinds merge by their key, e.g. webhooks by
+        ``name``); returns the object as stored."""
+        return self._call(
+            "PATCH",
+            resource_path(api_version, kind, namespace, name),
+            body=dict(patch),
+            content_type=_PATCH_CONTENT_TYPES[patch_type],
+        )
 
     def patch_status(
         self, api_version: str, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any]

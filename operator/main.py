@@ -8,12 +8,12 @@ clusterwide in standalone mode (no peering) next to a small health server
 handlers do the work (``operator.handlers_*``), and they decide nothing either: the pure
 ``desired_*`` functions do.
 
-Webhooks are served by kopf's ``WebhookServer`` with the certificate files the
-cert-manager overlay mounts. kopf's own management of the webhook configurations is off:
-the manifests own them (paths, failure policies, CA injection). Without certificate files
-the operator refuses to start (kopf's self-signed mode needs the ``certbuilder`` package,
-and nothing would put its CA into the configurations); ``--webhook-bind-address=0``
-disables webhooks.
+Webhooks are served by kopf's ``WebhookServer``. kopf's own management of the webhook
+configurations is off: the manifests own them (paths, failure policies). With certificate
+files (the cert-manager overlay mounts them) cert-manager's CA injector fills their
+``caBundle``; without (the default install) the operator makes its own CA and serving
+certificate at startup and writes the CA into them itself (``operator.certs``).
+``--webhook-bind-address=0`` disables webhooks.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import datetime as dt
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from kubernetes import client as k8s
 
 from inference_cache.operator import (
     backend,
+    certs,
     gateway,
     handlers_backend,
     handlers_controlplane,
@@ -96,12 +98,6 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     cert, key = args.webhook_tls_cert_file, args.webhook_tls_key_file
     if (cert is None) != (key is None):
         raise ConfigError("--webhook-tls-cert-file and --webhook-tls-key-file go together")
-    if args.webhook_bind_address is not None and cert is None:
-        raise ConfigError(
-            "webhooks need --webhook-tls-cert-file and --webhook-tls-key-file (the cert-manager "
-            "overlay mounts them); kopf's self-signed certificates need the certbuilder package, "
-            "which is not installed. Disable webhooks with --webhook-bind-address=0"
-        )
     return OperatorConfig(
         namespace=args.namespace,
         server_url=args.server_url,
@@ -142,7 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="inference-cache-webhook",
         help="the Service in front of the webhooks (the host name the certificate names)",
     )
-    parser.add_argument("--webhook-tls-cert-file", type=Path, metavar="PEM", help="webhook serving cert")
+    parser.add_argument(
+        "--webhook-tls-cert-file",
+        type=Path,
+        metavar="PEM",
+        help="webhook serving cert (default: self-signed, its CA written into the webhook configurations)",
+    )
     parser.add_argument("--webhook-tls-key-file", type=Path, metavar="PEM", help="its private key")
     parser.add_argument(
         "--server-url",
@@ -170,6 +171,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- wiring --------------------------------------------------------------------------
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def backend_settings(config: OperatorConfig) -> handlers_backend.BackendHandlerSettings:
@@ -207,7 +212,9 @@ def build_registry(
     return registry
 
 
-def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
+def kopf_settings(config: OperatorConfig, generated: certs.CertFiles | None = None) -> kopf.OperatorSettings:
+    """kopf's settings; the webhook server uses the certificate files of the flags, else
+    ``generated`` (:func:`webhook_certificates`)."""
     settings = kopf.OperatorSettings()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATIONS_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -218,15 +225,54 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     settings.posting.level = logging.WARNING
     settings.admission.managed = None
     if config.webhook is not None:
+        files = mounted_certificates(config) or generated
+        if files is None:  # kopf would try to make its own with the certbuilder package
+            raise ValueError("webhooks need certificate files: mounted or generated")
         host, port = config.webhook
         settings.admission.server = kopf.WebhookServer(
             addr=host,
             port=port,
-            host=f"{config.webhook_service}.{config.namespace}.svc",
-            certfile=config.webhook_cert_file,
-            pkeyfile=config.webhook_key_file,
+            host=certs.service_dns_names(config.webhook_service, config.namespace)[0],
+            cafile=files.cafile,
+            certfile=files.certfile,
+            pkeyfile=files.pkeyfile,
         )
     return settings
+
+
+def mounted_certificates(config: OperatorConfig) -> certs.CertFiles | None:
+    """The files of ``--webhook-tls-cert-file``/``--webhook-tls-key-file``, if given."""
+    if config.webhook_cert_file is None or config.webhook_key_file is None:
+        return None
+    return certs.CertFiles(certfile=config.webhook_cert_file, pkeyfile=config.webhook_key_file)
+
+
+@contextlib.asynccontextmanager
+async def webhook_certificates(
+    config: OperatorConfig,
+    kube: Kube,
+    *,
+    clock: Callable[[], dt.datetime] = _utcnow,
+) -> AsyncIterator[certs.CertFiles | None]:
+    """Without webhooks, or with mounted certificate files: ``None``. Otherwise a new CA
+    and serving certificate in a temporary directory (removed on exit), and a background
+    task writing the CA into the webhook configurations (retried until it succeeds,
+    cancelled on exit)."""
+    if config.webhook is None or mounted_certificates(config) is not None:
+        yield None
+        return
+    names = certs.service_dns_names(config.webhook_service, config.namespace)
+    certificate = certs.generate(names, now=clock())
+    log.info("webhook certificate for %s signed by a new self-signed CA", ", ".join(names))
+    with tempfile.TemporaryDirectory(prefix="inference-cache-webhook-") as directory:
+        files = certs.write_files(certificate, Path(directory))
+        injecting = asyncio.create_task(certs.inject_ca(kube, certificate.ca_pem, clock=clock))
+        try:
+            yield files
+        finally:
+            injecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await injecting
 
 
 @contextlib.asynccontextmanager
@@ -258,17 +304,19 @@ async def health_server(address: BindAddress | None, ready: asyncio.Event) -> As
 async def operate(
     config: OperatorConfig,
     registry: kopf.OperatorRegistry,
+    kube: Kube,
     *,
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
 ) -> None:
-    """kopf (clusterwide, standalone) and the health server, until stopped (a signal, or
+    """kopf (clusterwide, standalone), the health server and, without mounted certificate
+    files, the operator's own webhook certificate, until stopped (a signal, or
     ``stop_flag``)."""
     ready = ready_flag or asyncio.Event()
-    async with health_server(config.health, ready):
+    async with health_server(config.health, ready), webhook_certificates(config, kube) as generated:
         await kopf.operator(
             registry=registry,
-            settings=kopf_settings(config),
+            settings=kopf_settings(config, generated),
             standalone=True,
             clusterwide=True,
             stop_flag=stop_flag,
@@ -282,10 +330,6 @@ def _api_client() -> k8s.ApiClient:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     return k8s.ApiClient()
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -304,5 +348,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     with api:
         kube = Kube(api, clock=_utcnow)
-        asyncio.run(operate(config, build_registry(config, kube)))
+        asyncio.run(operate(config, build_registry(config, kube), kube))
     return 0

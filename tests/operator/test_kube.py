@@ -127,6 +127,25 @@ async def test_patch_status_merges_through_the_subresource(
     assert kmock.objects[BACKENDS, "ns", "b"]["status"] == {"a": 1, "x": 2}
 
 
+@pytest.mark.parametrize(
+    ("patch_type", "content_type"),
+    [("merge", "application/merge-patch+json"), ("strategic", "application/strategic-merge-patch+json")],
+)
+async def test_patch_sends_the_patch_with_its_content_type(
+    kmock: kmock.KubernetesEmulator, k: kube.Kube, patch_type: kube.PatchType, content_type: str
+) -> None:
+    kmock.objects[DEPLOYMENTS, "ns", "d"] = {"metadata": {"name": "d", "namespace": "ns"}, "spec": {"a": 1}}
+    patch = {"spec": {"b": 2}}
+    stored = await asyncio.to_thread(
+        k.patch, "apps/v1", "Deployment", "ns", "d", patch, patch_type=patch_type
+    )
+    (req,) = kmock["patch"]
+    assert req.url.path == "/apis/apps/v1/namespaces/ns/deployments/d"
+    assert req.headers["Content-Type"] == content_type
+    assert req.data == patch
+    assert stored["spec"] == {"a": 1, "b": 2}
+
+
 async def test_create_and_conflict(kmock: kmock.KubernetesEmulator, k: kube.Kube) -> None:
     obj = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "ns"}}
     created = await asyncio.to_thread(k.create, obj)

@@ -1,14 +1,16 @@
 """``inference-cache operator`` (operator/main.py): the flags the manifests pass, the exit
-code 2 for bad flags and for webhooks without certificates, kopf's settings, and the
-whole process (kopf + the health server + the CacheBackend handler) against kmock's
-Kubernetes emulator."""
+code 2 for bad flags, kopf's settings, and the whole process (kopf + the health server +
+the CacheBackend handler; kopf's webhook server with the operator's own certificate, its CA
+written into the webhook configurations) against kmock's Kubernetes emulator."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import copy
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 from kubernetes import client as k8s
 
 from inference_cache import cli
-from inference_cache.operator import kube, main
+from inference_cache.operator import certs, kube, main
 
 MANIFEST_ARGS = [
     "--leader-elect",
@@ -59,10 +61,19 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -
     assert "usage: inference-cache" in capsys.readouterr().err
 
 
-def test_webhooks_without_certificates_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["operator", *MANIFEST_ARGS]) == 2
-    err = capsys.readouterr().err
-    assert "--webhook-tls-cert-file" in err and "--webhook-bind-address=0" in err
+def test_the_default_install_flags_are_accepted_without_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No cluster here: past the flags, the operator stops at the missing credentials (1).
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    assert cli.main(["operator", *MANIFEST_ARGS]) == 1
+    assert "no cluster credentials" in capsys.readouterr().err
+
+
+def test_key_without_cert_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["operator", *MANIFEST_ARGS, f"--webhook-tls-key-file={tmp_path / 'tls.key'}"]) == 2
+    assert "go together" in capsys.readouterr().err
 
 
 def test_cert_without_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,6 +120,7 @@ def test_config_from_the_manifest_flags(tmp_path: Path, monkeypatch: pytest.Monk
     server = settings.admission.server
     assert isinstance(server, kopf.WebhookServer)
     assert (server.addr, server.port, server.certfile, server.pkeyfile) == (None, 9443, cert, key)
+    assert server.cafile is None  # cert-manager injects the CA
     assert server.host == "inference-cache-webhook.ic-system.svc"
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert settings.persistence.progress_storage.prefix == "inferencecache.io"
@@ -118,6 +130,17 @@ def test_config_from_the_manifest_flags(tmp_path: Path, monkeypatch: pytest.Monk
         "ic-system",
         9002,
     )
+
+
+def test_generated_certificate_files_go_to_the_webhook_server(tmp_path: Path) -> None:
+    config = main.config_from_args(parse(*MANIFEST_ARGS, "--namespace=ic"))
+    with pytest.raises(ValueError, match="certificate files"):
+        main.kopf_settings(config)
+    files = certs.CertFiles(certfile=tmp_path / "c", pkeyfile=tmp_path / "k", cafile=tmp_path / "ca")
+    server = main.kopf_settings(config, files).admission.server
+    assert isinstance(server, kopf.WebhookServer)
+    assert (server.cafile, server.certfile, server.pkeyfile) == (files.cafile, files.certfile, files.pkeyfile)
+    assert server.host == "inference-cache-webhook.ic.svc"
 
 
 def test_webhooks_disabled_means_no_server() -> None:
@@ -180,8 +203,9 @@ async def test_operator_reconciles_a_backend_and_reports_health(
     api_config.retries = 0
     stop, ready = asyncio.Event(), asyncio.Event()
     with k8s.ApiClient(api_config) as api:
-        registry = main.build_registry(config, kube.Kube(api, timeout_s=10), login=login)
-        task = asyncio.create_task(main.operate(config, registry, stop_flag=stop, ready_flag=ready))
+        kube_ = kube.Kube(api, timeout_s=10)
+        registry = main.build_registry(config, kube_, login=login)
+        task = asyncio.create_task(main.operate(config, registry, kube_, stop_flag=stop, ready_flag=ready))
         try:
             health = f"http://127.0.0.1:{unused_tcp_port}"
 
@@ -226,3 +250,101 @@ def test_registry_holds_every_handler_module(tmp_path: Path, webhooks: bool) -> 
     # kopf refuses to run admission handlers without a server: none when disabled.
     assert ("mutate--v1-pod" in admission) is webhooks
     assert bool(admission) is webhooks
+
+
+MUTATING = kmock.resource("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations")
+VALIDATING = kmock.resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+
+
+async def test_operator_serves_webhooks_with_its_own_certificate(
+    kmock: kmock.KubernetesEmulator, unused_tcp_port: int
+) -> None:
+    """The default install: no certificate files. The CA the operator writes into both
+    webhook configurations verifies the certificate its webhook server presents for the
+    Service's name."""
+    for plural, kind in [("cachebackends", "CacheBackend"), ("cachepolicies", "CachePolicy")]:
+        kmock.resources[f"inferencecache.io/v1alpha1/{plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, verbs={"list", "watch", "patch", "get"}, subresources={"status"}
+        )
+    kmock.resources["inferencecache.io/v1alpha1/cachetenants"] = kmock.ResourceInfo(
+        kind="CacheTenant", namespaced=False, verbs={"list", "watch", "patch", "get"}, subresources={"status"}
+    )
+    kmock.resources["v1/pods"] = kmock.ResourceInfo(
+        kind="Pod", namespaced=True, verbs={"list", "watch", "get"}
+    )
+    kmock.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list"})
+    kmock.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
+    )
+    for resource, kind, name in [
+        (MUTATING, "MutatingWebhookConfiguration", "inference-cache-mutating-webhook"),
+        (VALIDATING, "ValidatingWebhookConfiguration", "inference-cache-validating-webhook"),
+    ]:
+        kmock.objects[resource, None, name] = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "webhooks": [{"name": f"{kind[0].lower()}.inferencecache.io", "clientConfig": {}}],
+        }
+    config = main.config_from_args(
+        parse(
+            *MANIFEST_ARGS,
+            "--health-probe-bind-address=0",
+            f"--webhook-bind-address=127.0.0.1:{unused_tcp_port}",
+        )
+    )
+    assert main.mounted_certificates(config) is None
+
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"))
+
+    api_config = k8s.Configuration(host=str(kmock.url).rstrip("/"))
+    api_config.retries = 0
+    stop = asyncio.Event()
+    with k8s.ApiClient(api_config) as api:
+        kube_ = kube.Kube(api, timeout_s=10)
+        task = asyncio.create_task(
+            main.operate(config, main.build_registry(config, kube_, login=login), kube_, stop_flag=stop)
+        )
+        try:
+
+            async def injected() -> bool:
+                return len(kmock["patch"]) == 2
+
+            await _until(injected, "the caBundle patches")
+            bundles = set()
+            for req, resource in zip(kmock["patch"], [MUTATING, VALIDATING], strict=True):
+                assert req.url.path.startswith(f"/apis/admissionregistration.k8s.io/v1/{resource.plural}/")
+                assert req.headers["Content-Type"] == "application/strategic-merge-patch+json"
+                ((webhook,),) = req.data.values()
+                assert webhook.keys() == {"name", "clientConfig"} and webhook["clientConfig"].keys() == {
+                    "caBundle"
+                }
+                bundles.add(webhook["clientConfig"]["caBundle"])
+            (bundle,) = bundles
+            trust = ssl.create_default_context(cadata=base64.b64decode(bundle).decode("ascii"))
+
+            async def serving() -> bool:
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection(
+                        "127.0.0.1",
+                        unused_tcp_port,
+                        ssl=trust,
+                        server_hostname="inference-cache-webhook.inference-cache-system.svc",
+                    )
+                    writer.close()
+                    await writer.wait_closed()
+                    return True
+                return False
+
+            await _until(serving, "a verified TLS handshake with the webhook server")
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await asyncio.open_connection(
+                    "127.0.0.1",
+                    unused_tcp_port,
+                    ssl=trust,
+                    server_hostname="inference-cache-webhook.other.svc",
+                )
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=30)
