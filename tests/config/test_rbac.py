@@ -38,6 +38,7 @@ EXPECTED: set[Grant] = (
     | grants(OPERATOR, "inference.networking.k8s.io", ("inferencepools",), CRUD)
     | grants(OPERATOR, "gateway.envoyproxy.io", ("envoyextensionpolicies", "backendtrafficpolicies"), CRUD)
     | grants(OPERATOR, "gateway.networking.k8s.io", ("httproutes",), ("get",))
+    | grants(OPERATOR, "apiextensions.k8s.io", ("customresourcedefinitions",), ("get", "list"))
     | grants(
         OPERATOR,
         "admissionregistration.k8s.io",
