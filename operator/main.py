@@ -224,6 +224,9 @@ def kopf_settings(config: OperatorConfig, generated: certs.CertFiles | None = No
     # Our handlers post their own transition Events; kopf's per-handler ones only on trouble.
     settings.posting.level = logging.WARNING
     settings.admission.managed = None
+    # No CRD watching (RBAC grants get/list only): the resources we serve are known at start;
+    # a gateway CRD installed later is seen by the reconciler's own crd_names() check.
+    settings.scanning.disabled = True
     if config.webhook is not None:
         files = mounted_certificates(config) or generated
         if files is None:  # kopf would try to make its own with the certbuilder package

@@ -117,6 +117,7 @@ def test_config_from_the_manifest_flags(tmp_path: Path, monkeypatch: pytest.Monk
     )
     settings = main.kopf_settings(config)
     assert settings.admission.managed is None
+    assert settings.scanning.disabled  # RBAC grants no watch on CRDs
     server = settings.admission.server
     assert isinstance(server, kopf.WebhookServer)
     assert (server.addr, server.port, server.certfile, server.pkeyfile) == (None, 9443, cert, key)
