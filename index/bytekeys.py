@@ -14,9 +14,10 @@ Owner: ``inference_cache.index``. Two pieces, both off the request path:
 * ``ByteIndex`` (one per model): fed from the same ``BlockStored`` information as the
   ``Index`` (each block's token ids, its parent's prefix hash and its own key from
   ``index.fingerprint``). Per block it stores an auxiliary edge
-  ``edge = XXH3_64(BYTE_SEED, le_u64(parent) ++ le_u64(XXH3_64(BYTE_SEED, block bytes)))``
-  -> the block's token-chain key, and per node (a token-chain prefix, or the chain's
-  root) the byte lengths of its children, so the request-side walk
+  ``edge = XXH3_64(BYTE_SEED, parent key ++ le_u64(XXH3_64(BYTE_SEED, block bytes)))``
+  (``parent key``: the 8-byte token-chain key before the block, zeros for a fresh chain)
+  -> the block's token-chain key, and per node (a token-chain key, or the chain's root)
+  the byte lengths of its children and the byte length of its final token, so the request-side walk
   (``index.bytematch``) knows which slice lengths to hash. The walk turns request bytes
   into the token-chain keys the ``Index`` already holds; ``Index.longest_prefix`` then
   does per-replica runs, freshness and TTL exactly as on the token path. These entries
@@ -24,13 +25,17 @@ Owner: ``inference_cache.index``. Two pieces, both off the request path:
   ``/snapshot``; ``approx_bytes`` reports their memory separately.
 
 Everything is keyed per ``Scope`` and refcounted per replica, so ``blocks_removed`` and
-``replica_cleared`` undo exactly what a replica stored.
+``replica_cleared`` undo exactly what a replica stored. Two token sequences with the same
+bytes after the same parent (a client's own token ids, or decode output that is not the
+tokenizer's canonical split) share an edge: the first keeps it, the other is not indexed
+(``conflicts``; bytes then under-claim it, never over-claim).
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,9 +49,9 @@ from inference_cache.index.types import Scope
 
 #: Seed of the byte-chain hashes (distinct from the token fingerprint's 1337).
 BYTE_SEED = 7331
-#: The parent of a fresh, unsalted chain (a salted chain starts at ``fingerprint.salt_root``).
-ROOT = 0
-_pair = struct.Struct("<QQ")
+#: The parent node of a fresh, unsalted chain (a salted chain starts at its salt root's key).
+ROOT = bytes(8)
+_le = struct.Struct("<Q")
 _xxh = xxhash.xxh3_64_intdigest
 _U64 = (1 << 64) - 1
 
@@ -78,9 +83,10 @@ def _unicode_to_byte() -> dict[str, int]:
     return table
 
 
-def edge_key(parent: int, content: int) -> int:
-    """The byte-chain key of a block whose bytes hash to ``content`` after node ``parent``."""
-    return _xxh(_pair.pack(parent & _U64, content), BYTE_SEED)
+def edge_key(parent: bytes, content: int) -> int:
+    """The byte-chain key of a block whose bytes hash to ``content`` after node ``parent``
+    (an 8-byte token-chain key)."""
+    return _xxh(parent + _le.pack(content), BYTE_SEED)
 
 
 def content_hash(data: bytes | memoryview) -> int:
@@ -149,34 +155,57 @@ class ByteTable:
 
 
 def normalize(tokenizer: Tokenizer, text: str) -> str:
-    """The tokenizer's normalizer applied to ``text`` (identity without one)."""
+    """The tokenizer's normalizer applied to ``text`` (identity without one). The Unicode
+    forms go through ``unicodedata`` (its quick check makes an already normalised prompt
+    ~50x cheaper than a round trip through ``tokenizers``)."""
     norm = tokenizer.normalizer
-    return text if norm is None else str(norm.normalize_str(text))
+    if norm is None:
+        return text
+    form = type(norm).__name__
+    if form in _FORMS:
+        return text if unicodedata.is_normalized(form, text) else unicodedata.normalize(form, text)  # type: ignore[arg-type]
+    return str(norm.normalize_str(text))
+
+
+_FORMS = frozenset({"NFC", "NFD", "NFKC", "NFKD"})
 
 
 class _ScopeBytes:
-    """The byte chain of one scope, shared by its replicas (refcounted per holder)."""
+    """The byte chain of one scope, shared by its replicas."""
 
-    __slots__ = ("children", "edges", "replicas")
+    __slots__ = ("blocks", "children", "edges", "held")
 
     def __init__(self) -> None:
-        #: node (token prefix hash, ``ROOT`` or a salt root) -> child byte length -> refs.
-        self.children: dict[int, dict[int, int]] = {}
-        #: byte edge key -> token prefix hash of the block it stands for -> refs.
-        self.edges: dict[int, dict[int, int]] = {}
-        #: replica -> token prefix hash -> ``(edge, parent, byte length)``.
-        self.replicas: dict[str, dict[int, tuple[int, int, int]]] = {}
+        #: node (an 8-byte token-chain key, ``ROOT`` or a salt root's key) -> its children's
+        #: byte lengths: ``length << 32 | edges`` for one length (the common case), else
+        #: ``{length: edges}``.
+        self.children: dict[bytes, int | dict[int, int]] = {}
+        #: byte edge key -> the token-chain key of the block it stands for.
+        self.edges: dict[int, bytes] = {}
+        #: token-chain key -> ``edge | parent << 64 | length << 128 | last << 160 | holders << 176``
+        #: (``last``: byte length of the block's final token; ``holders``: replicas).
+        self.blocks: dict[bytes, int] = {}
+        #: replica -> the token-chain keys it holds here.
+        self.held: dict[str, set[bytes]] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class ChainView:
     """Read access to one scope's byte chain (valid only inside ``ByteIndex.reading``)."""
 
-    children: Mapping[int, Mapping[int, int]]
-    edges: Mapping[int, Mapping[int, int]]
+    children: Mapping[bytes, int | Mapping[int, int]]
+    edges: Mapping[int, bytes]
+    blocks: Mapping[bytes, int]
+
+    def last_token_bytes(self, key: bytes) -> int:
+        """Byte length of the final token of block ``key`` (-1: unknown)."""
+        packed = self.blocks.get(key)
+        return -1 if packed is None else (packed >> _LAST_SHIFT) & _U16
 
 
-_EMPTY = ChainView({}, {})
+_EMPTY = ChainView({}, {}, {})
+_LEN_SHIFT, _LAST_SHIFT, _HOLD_SHIFT = 128, 160, 176
+_U16, _U32 = (1 << 16) - 1, (1 << 32) - 1
 
 
 class ByteIndex:
@@ -193,6 +222,8 @@ class ByteIndex:
         self.entries = 0
         #: Blocks not indexed because a token id has no known bytes.
         self.unmapped_blocks = 0
+        #: Blocks not indexed because other tokens with the same bytes took their edge.
+        self.conflicts = 0
 
     def blocks_stored(
         self,
@@ -204,44 +235,57 @@ class ByteIndex:
     ) -> None:
         """Blocks ``keys`` (our fingerprint keys, chained) of ``replica_id`` with their token
         ids (``block_size`` per key); ``parent`` is the prefix hash before ``keys[0]``
-        (``None``: a fresh unsalted chain; a salted chain passes its salt root)."""
+        (``None``: a fresh unsalted chain; a salted chain passes its salt root). Pass the
+        very key objects given to the ``Index``: they are shared, not copied."""
         bs = self.block_size
         if not self.table.recoverable or len(token_ids) != len(keys) * bs:
             return
-        node = ROOT if parent is None else parent
+        node = ROOT if parent is None else fingerprint.key_bytes(parent)
+        pieces = self.table.pieces
         with self._lock:
             sc = self._scopes.get(scope)
             if sc is None:
                 sc = self._scopes[scope] = _ScopeBytes()
-            held = sc.replicas.setdefault(replica_id, {})
+            held = sc.held.setdefault(replica_id, set())
             for i, key in enumerate(keys):
-                tok = fingerprint.key_int(key)
-                data = self.table.join(token_ids[i * bs : (i + 1) * bs])
+                if key in held:
+                    node = key
+                    continue
+                block = token_ids[i * bs : (i + 1) * bs]
+                data = self.table.join(block)
                 if data is None:
                     self.unmapped_blocks += len(keys) - i
                     break
-                if tok not in held:
+                packed = sc.blocks.get(key)
+                if packed is None:
                     edge = edge_key(node, content_hash(data))
-                    held[tok] = (edge, node, len(data))
-                    refs = sc.edges.setdefault(edge, {})
-                    refs[tok] = refs.get(tok, 0) + 1
-                    lengths = sc.children.setdefault(node, {})
-                    lengths[len(data)] = lengths.get(len(data), 0) + 1
-                    self.entries += 1
-                node = tok
+                    if sc.edges.setdefault(edge, key) != key:
+                        self.conflicts += len(keys) - i
+                        break
+                    last = len(pieces[block[-1]] or b"")
+                    packed = (
+                        edge | fingerprint.key_int(node) << 64 | len(data) << _LEN_SHIFT | last << _LAST_SHIFT
+                    )
+                    _add_length(sc.children, node, len(data))
+                sc.blocks[key] = packed + (1 << _HOLD_SHIFT)
+                held.add(key)
+                self.entries += 1
+                node = key
             if not held:
-                del sc.replicas[replica_id]
+                del sc.held[replica_id]
+                if not sc.held:
+                    del self._scopes[scope]
 
     def blocks_removed(self, scope: Scope, replica_id: str, keys: Sequence[bytes]) -> None:
         with self._lock:
             sc = self._scopes.get(scope)
-            held = sc.replicas.get(replica_id) if sc is not None else None
+            held = sc.held.get(replica_id) if sc is not None else None
             if sc is None or held is None:
                 return
             for key in keys:
-                entry = held.pop(fingerprint.key_int(key), None)
-                if entry is not None:
-                    self._unref(sc, fingerprint.key_int(key), entry)
+                if key in held:
+                    held.discard(key)
+                    self._unref(sc, key)
             self._prune(scope, sc, replica_id)
 
     def replica_cleared(self, replica_id: str, *, model: str, tenant: str) -> None:
@@ -250,33 +294,31 @@ class ByteIndex:
             for scope, sc in list(self._scopes.items()):
                 if scope.model != model or scope.tenant != tenant:
                     continue
-                held = sc.replicas.get(replica_id)
-                for tok, entry in (held or {}).items():
-                    self._unref(sc, tok, entry)
-                if held is not None:
-                    held.clear()
-                    self._prune(scope, sc, replica_id)
+                held = sc.held.get(replica_id)
+                if held is None:
+                    continue
+                for key in held:
+                    self._unref(sc, key)
+                held.clear()
+                self._prune(scope, sc, replica_id)
 
-    def _unref(self, sc: _ScopeBytes, tok: int, entry: tuple[int, int, int]) -> None:
-        edge, parent, length = entry
+    def _unref(self, sc: _ScopeBytes, key: bytes) -> None:
         self.entries -= 1
-        refs = sc.edges[edge]
-        refs[tok] -= 1
-        if refs[tok] <= 0:
-            del refs[tok]
-            if not refs:
-                del sc.edges[edge]
-        lengths = sc.children[parent]
-        lengths[length] -= 1
-        if lengths[length] <= 0:
-            del lengths[length]
-            if not lengths:
-                del sc.children[parent]
+        packed = sc.blocks[key] - (1 << _HOLD_SHIFT)
+        if packed >> _HOLD_SHIFT:
+            sc.blocks[key] = packed
+            return
+        del sc.blocks[key]
+        edge = packed & _U64
+        if sc.edges.get(edge) == key:
+            del sc.edges[edge]
+        parent = fingerprint.key_bytes((packed >> 64) & _U64)
+        _drop_length(sc.children, parent, (packed >> _LEN_SHIFT) & _U32)
 
     def _prune(self, scope: Scope, sc: _ScopeBytes, replica_id: str) -> None:
-        if not sc.replicas.get(replica_id, True):
-            del sc.replicas[replica_id]
-        if not sc.replicas:
+        if not sc.held.get(replica_id, True):
+            del sc.held[replica_id]
+        if not sc.held:
             del self._scopes[scope]
 
     @contextmanager
@@ -284,10 +326,44 @@ class ByteIndex:
         """The scope's byte chain under the lock (keep the walk short: it blocks ingest)."""
         with self._lock:
             sc = self._scopes.get(scope)
-            yield _EMPTY if sc is None else ChainView(sc.children, sc.edges)
+            yield _EMPTY if sc is None else ChainView(sc.children, sc.edges, sc.blocks)
 
     def holds(self, scope: Scope, replica_id: str) -> int:
         """Blocks of ``replica_id`` in ``scope`` (tests, debugging)."""
         with self._lock:
             sc = self._scopes.get(scope)
-            return len(sc.replicas.get(replica_id, {})) if sc is not None else 0
+            return len(sc.held.get(replica_id, ())) if sc is not None else 0
+
+
+def child_lengths(value: int | Mapping[int, int]) -> list[int]:
+    """The byte lengths of a node's children, ascending (from ``ChainView.children``)."""
+    return [value >> 32] if isinstance(value, int) else sorted(value)
+
+
+def _add_length(children: dict[bytes, int | dict[int, int]], node: bytes, length: int) -> None:
+    value = children.get(node)
+    if value is None:
+        children[node] = length << 32 | 1
+    elif isinstance(value, int):
+        if value >> 32 == length:
+            children[node] = value + 1
+        else:
+            children[node] = {value >> 32: value & _U32, length: 1}
+    else:
+        value[length] = value.get(length, 0) + 1
+
+
+def _drop_length(children: dict[bytes, int | dict[int, int]], node: bytes, length: int) -> None:
+    value = children[node]
+    if isinstance(value, int):
+        if value & _U32 > 1:
+            children[node] = value - 1
+        else:
+            del children[node]
+        return
+    value[length] -= 1
+    if value[length] <= 0:
+        del value[length]
+    if len(value) == 1:
+        ((only, count),) = value.items()
+        children[node] = only << 32 | count

@@ -11,15 +11,18 @@ place of ``tokenize -> fingerprint.chain_keys``. Data flow::
 
 Why the boundary check: a cached block's bytes can be a prefix of the request while its
 final token merged differently with what followed it (``"hel" + "lo"`` cached after
-``"hel"`` ended a word; the request's ``"hello"`` is one token). BPE merges never cross
-a pre-token, and inside one pre-token the tokens left of a token boundary are the BPE of
-the left part alone; so the request's tokens up to the block's end equal the cached ones
-when that end is (a) an added-token edge, (b) a pre-token boundary of the request, or
-(c) a token boundary of the BPE of the request's pre-token that contains it. The check
-runs the tokenizer's own pre-tokenizer and model on that one pre-token (a few bytes).
-Tokenizers without a usable pre-tokenizer or a BPE model fall back to dropping the last
-block unless it ends at an added-token edge or the end of the request (``drop_last``,
-reported separately).
+``"hel"`` ended a word; the request's ``"hello"`` is one token), or while the request's
+pre-tokens split the bytes before the block's end differently (a run of spaces the
+pre-tokenizer's lookahead cuts one way before a letter and another before a tab). BPE
+merges never cross a pre-token, and inside one pre-token the tokens left of a token
+boundary are the BPE of the left part alone. So the check runs the tokenizer's own
+pre-tokenizer on a few bytes around the block's end, BPE on the one pre-token holding the
+request's last byte before it, and accepts the end when a request token ends exactly there
+with the byte length of the cached block's final token (stored with its aux entry); an
+added-token edge needs only the length. A failed check drops the block and checks the
+previous end. Tokenizers without a usable pre-tokenizer or a BPE model fall back to
+dropping the last block unless the request ends there or an added token ends there
+(``drop_last``, reported separately).
 
 Known limit: blocks the engine generated (decode output) hold the model's tokens, which
 need not be the tokenizer's canonical tokens for the same bytes; bytes then claim what
@@ -29,7 +32,8 @@ the token path would not.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
+import struct
+from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
@@ -44,10 +48,11 @@ Boundary = Literal["none", "end", "exact", "dropped", "drop_last"]
 
 #: Bytes of context on each side of a boundary given to the pre-tokenizer (doubled while
 #: the pre-token holding the boundary is cut by the window, up to ``_MAX_WINDOW``).
-_WINDOW = 256
+_WINDOW = 32
 _MAX_WINDOW = 16384
 #: Request bytes per token assumed for the uncached rest when nothing matched.
 DEFAULT_BYTES_PER_TOKEN = 4.0
+_le = struct.Struct("<Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,79 +125,89 @@ class ByteMatcher:
 
     def match(self, scope: Scope, data: bytes, *, salt: str | None = None) -> ByteMatch:
         """Walk the byte chain of ``scope`` over ``data`` (from ``request_bytes``)."""
-        root = fingerprint.salt_root(salt) if salt else bytekeys.ROOT
-        ends, keys = self._walk(scope, data, root)
-        walked = len(keys)
-        if not keys:
-            return ByteMatch((), 0, 0, "none", len(data))
-        boundary: Boundary
-        if ends[-1] == len(data):
-            boundary = "end"
-        else:
-            while keys and not self._is_boundary(data, ends[-1]):
-                keys.pop()
-                ends.pop()
-            exact = len(keys) == walked
-            boundary = "drop_last" if not self.replicable else "exact" if exact else "dropped"
-        return ByteMatch(
-            tuple(fingerprint.key_bytes(k) for k in keys),
-            ends[-1] if ends else 0,
-            walked,
-            boundary,
-            len(data),
-        )
+        root = fingerprint.key_bytes(fingerprint.salt_root(salt)) if salt else bytekeys.ROOT
+        with self.index.reading(scope) as chain:
+            ends, keys = self._walk(chain, data, root)
+            walked = len(keys)
+            if not keys:
+                return ByteMatch((), 0, 0, "none", len(data))
+            boundary: Boundary = "end"
+            if ends[-1] != len(data):
+                while keys and not self._is_boundary(data, ends[-1], chain.last_token_bytes(keys[-1])):
+                    keys.pop()
+                    ends.pop()
+                exact = len(keys) == walked
+                boundary = "drop_last" if not self.replicable else "exact" if exact else "dropped"
+        return ByteMatch(tuple(keys), ends[-1] if ends else 0, walked, boundary, len(data))
 
-    def _walk(self, scope: Scope, data: bytes, root: int) -> tuple[list[int], list[int]]:
-        """(end offset, token prefix hash) of each leading block whose bytes ``data`` continues
-        with; where two children match, the one ending on a request token boundary wins."""
+    def _walk(self, chain: bytekeys.ChainView, data: bytes, root: bytes) -> tuple[list[int], list[bytes]]:
+        """(end offset, token-chain key) of each leading block whose bytes ``data`` continues
+        with; where two children match, one ending on a request token boundary wins."""
         view = memoryview(data)
         n = len(data)
         ends: list[int] = []
-        toks: list[int] = []
+        keys: list[bytes] = []
         node, pos = root, 0
         seed = bytekeys.BYTE_SEED
-        edge_key = bytekeys.edge_key
-        with self.index.reading(scope) as chain:
-            children, edges = chain.children, chain.edges
-            while (lengths := children.get(node)) is not None:
-                hasher = xxhash.xxh3_64(seed=seed)
-                done = pos
-                found: list[tuple[int, int]] = []
-                for length in sorted(lengths):
-                    end = pos + length
-                    if end > n:
-                        break
-                    hasher.update(view[done:end])
-                    done = end
-                    refs = edges.get(edge_key(node, hasher.intdigest()))
-                    if refs:
-                        found.append((end, max(refs, key=lambda t: (refs[t], t))))
+        xxh, pack = xxhash.xxh3_64_intdigest, _le.pack
+        children, edges = chain.children, chain.edges
+        while (lengths := children.get(node)) is not None:
+            if isinstance(lengths, int):  # one child length: the common case
+                end = pos + (lengths >> 32)
+                if end > n:
+                    break
+                key = edges.get(xxh(node + pack(xxh(view[pos:end], seed)), seed))
+                if key is None:
+                    break
+                pos, node = end, key
+            else:
+                found = self._children(chain, view, node, pos, sorted(lengths))
                 if not found:
                     break
                 if len(found) > 1:
-                    found = [f for f in found if self._is_boundary(data, f[0])] or found
+                    last = chain.last_token_bytes
+                    found = [f for f in found if self._is_boundary(data, f[0], last(f[1]))] or found
                 pos, node = found[-1]
-                ends.append(pos)
-                toks.append(node)
-        return ends, toks
+            ends.append(pos)
+            keys.append(node)
+        return ends, keys
 
-    def _is_boundary(self, data: bytes, at: int) -> bool:
-        """Whether the request's tokens end exactly at byte ``at`` with the same tokens a
-        cached block ending there holds (see the module docstring)."""
+    @staticmethod
+    def _children(
+        chain: bytekeys.ChainView, view: memoryview, node: bytes, pos: int, lengths: list[int]
+    ) -> list[tuple[int, bytes]]:
+        """Every child of ``node`` whose bytes ``view[pos:]`` starts with (one running hash)."""
+        hasher = xxhash.xxh3_64(seed=bytekeys.BYTE_SEED)
+        done = pos
+        found = []
+        for length in lengths:
+            end = pos + length
+            if end > len(view):
+                break
+            hasher.update(view[done:end])
+            done = end
+            key = chain.edges.get(bytekeys.edge_key(node, hasher.intdigest()))
+            if key is not None:
+                found.append((end, key))
+        return found
+
+    def _is_boundary(self, data: bytes, at: int, last: int) -> bool:
+        """Whether the request's tokens end exactly at byte ``at`` with a final token of
+        ``last`` bytes, as the cached block ending there does (see the module docstring)."""
         if at >= len(data):
             return True
         window = _WINDOW
         while True:
-            verdict = self._check(data, at, window)
+            verdict = self._check(data, at, last, window)
             if verdict is not None:
                 return verdict
             if window >= _MAX_WINDOW:
                 return False
             window *= 2
 
-    def _check(self, data: bytes, at: int, window: int) -> bool | None:
+    def _check(self, data: bytes, at: int, last: int, window: int) -> bool | None:
         """The verdict from ``window`` bytes each side (``None``: the window cut the
-        pre-token holding ``at``; retry wider)."""
+        pre-token that ends the request's tokens at ``at``; retry wider)."""
         lo = _char_start(data, max(0, at - window))
         hi = _char_start(data, min(len(data), at + window))
         seg_lo, seg_hi = lo, hi
@@ -201,11 +216,11 @@ class ByteMatcher:
                 a, b = m.span()
                 if a < at < b:
                     return False
-                if at in (a, b):
-                    return True
+                if b == at:
+                    return last == b - a
                 if b < at:
                     seg_lo = b
-                elif a > at:
+                else:
                     seg_hi = a
                     break
         if not self.replicable:
@@ -221,22 +236,19 @@ class ByteMatcher:
         bounds = list(accumulate(sizes, initial=seg_lo))
         if bounds[-1] != seg_hi:  # pieces do not tile the segment (a removing pre-tokenizer)
             return False
-        n = len(sizes)
-        i = bisect_left(bounds, at)
-        if bounds[i] == at:  # a pre-token boundary, unless the window's cut made it
-            return None if (cut_left and i <= 1) or (cut_right and i >= n - 1) else True
-        if (cut_left and i == 1) or (cut_right and i == n):
+        # the pre-token holding the request's last byte before ``at``
+        j = bisect_right(bounds, at - 1) - 1
+        if (cut_left and j == 0) or (cut_right and j == len(sizes) - 1):
             return None
-        piece = pieces[i - 1][0]
-        offset = at - bounds[i - 1]
+        offset = at - bounds[j]
         pos = 0
-        for token in self.tokenizer.model.tokenize(piece):
+        for token in self.tokenizer.model.tokenize(pieces[j][0]):
             size = len(token.value) if self._byte_pieces else self.table.length(token.id)
             if size < 0:
                 return False
             pos += size
             if pos >= offset:
-                return pos == offset
+                return pos == offset and size == last
         return False
 
 

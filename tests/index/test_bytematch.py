@@ -175,7 +175,7 @@ def test_boundary_check_catches_the_over_claims(qwen: Harness, monkeypatch: pyte
     issue's 2%); with it, those very pairs agree with the token path."""
     pairs = mid_word_pairs(4, 600)
     with monkeypatch.context() as m:
-        m.setattr(bytematch.ByteMatcher, "_is_boundary", lambda self, data, at: True)
+        m.setattr(bytematch.ByteMatcher, "_is_boundary", lambda self, data, at, last: True)
         unchecked = [(p, *qwen.compare(*p)) for p in pairs]
     over = [p for p, want, got in unchecked if got.blocks > want]
     assert over, "expected over-claims without the boundary check"
