@@ -8,7 +8,8 @@ Owner: ``inference_cache.index`` (``bytekeys``, ``bytematch``). On the Qwen toke
   against the byte path (``request_bytes`` + ``ByteMatcher.match``: walk and boundary
   check). Both then call the same ``Index.longest_prefix``, timed separately;
 * agreement with the token path (leading blocks with identical keys) over random
-  shared-prefix pairs, adversarial mid-word divergences and multi-turn chats (the
+  shared-prefix pairs, adversarial mid-word divergences (anywhere, and within 3 bytes of
+  a cached block's end, where over-claims live) and multi-turn chats (the
   engine caching each turn's prompt and reply): equal / over-claimed / under-claimed, and
   the over-claims the boundary check removes (the walk alone);
 * memory: traced bytes per auxiliary entry of a ``ByteIndex`` (one replica), beside the
@@ -151,7 +152,13 @@ def agreement(m: Model, n: int) -> None:
     print("| workload | pairs | equal | over-claimed | under-claimed | walk alone over-claims | dropped |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     r = random.Random(7)
-    for name, count in (("shared prefix", n), ("mid-word divergence", n), ("multi-turn chat", n // 10)):
+    workloads = (
+        ("shared prefix", n),
+        ("mid-word divergence", n),
+        ("at a block end", n),
+        ("multi-turn chat", n // 10),
+    )
+    for name, count in workloads:
         equal = over = under = walk_over = dropped = 0
         for i in range(count):
             cached, request = _pair(m, r, name)
@@ -182,6 +189,14 @@ def _pair(m: Model, r: random.Random, kind: str) -> tuple[list[str], str]:
     if kind == "mid-word divergence":
         cut = r.randint(1, len(base))
         return [base], base[:cut] + r.choice(TAILS) + text(r, r.randint(0, 10))
+    if kind == "at a block end":  # within 3 bytes of a cached block's end
+        ids = m.ids(base)
+        k = r.randint(0, len(ids) // m.bs)
+        end = len(m.tok.tokenizer.decode(ids[: k * m.bs], skip_special_tokens=False).encode()) + r.randint(
+            -3, 3
+        )
+        head = base.encode()[: max(end, 0)].decode("utf-8", "ignore")
+        return [base], head + r.choice(TAILS) + text(r, r.randint(0, 6))
     messages = [{"role": "system", "content": text(r, 30)}]
     cached = []
     for _turn in range(3):

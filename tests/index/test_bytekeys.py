@@ -138,3 +138,42 @@ def test_non_recoverable_model_indexes_nothing() -> None:
     idx = bytekeys.ByteIndex(table, 1)
     idx.blocks_stored(SCOPE, "a", None, fingerprint.chain_keys([0, 1], 1), [0, 1])
     assert idx.entries == 0
+
+
+def test_children_of_several_lengths_and_back(tiny: Tokenizer) -> None:
+    table = bytekeys.ByteTable.of(tiny)
+    idx = bytekeys.ByteIndex(table, 2)
+    runs = ([1, 2, 3, 4], [5, 6], [400, 401])
+    for replica, ids in zip("aab", runs, strict=True):
+        idx.blocks_stored(SCOPE, replica, None, fingerprint.chain_keys(ids, 2), ids)
+
+    def size(ids: list[int]) -> int:
+        data = table.join(ids)
+        assert data is not None
+        return len(data)
+
+    with idx.reading(SCOPE) as chain:
+        want = sorted({size([1, 2]), size([5, 6]), size([400, 401])})
+        assert len(want) == 3 and bytekeys.child_lengths(chain.children[bytekeys.ROOT]) == want
+    idx.blocks_removed(SCOPE, "a", fingerprint.chain_keys([5, 6], 2))
+    idx.replica_cleared("b", model="m", tenant="t")
+    with idx.reading(SCOPE) as chain:
+        assert bytekeys.child_lengths(chain.children[bytekeys.ROOT]) == [size([1, 2])]
+        assert isinstance(chain.children[bytekeys.ROOT], int)  # back to the packed form
+    assert idx.entries == 2
+
+
+def test_same_bytes_other_tokens_is_a_conflict_not_an_edge(tiny: Tokenizer) -> None:
+    """Two splits of the same bytes after the same parent (a client's token ids, decode
+    output) share one edge: the first keeps it, the other is not indexed (bytes would
+    otherwise claim tokens the request will not have)."""
+    table = bytekeys.ByteTable.of(tiny)
+    vocab = tiny.get_vocab(with_added_tokens=False)
+    pairs = sorted(t for t in vocab if len(t) == 2)
+    xy, yz = next((a, b) for a in pairs for b in pairs if a[1] == b[0] and a[0] in vocab and b[1] in vocab)
+    left, right = [vocab[xy], vocab[yz[1]]], [vocab[xy[0]], vocab[yz]]
+    assert table.join(left) == table.join(right)
+    idx = bytekeys.ByteIndex(table, 2)
+    idx.blocks_stored(SCOPE, "a", None, fingerprint.chain_keys(left, 2), left)
+    idx.blocks_stored(SCOPE, "b", None, fingerprint.chain_keys(right, 2), right)
+    assert (idx.entries, idx.conflicts, idx.holds(SCOPE, "b")) == (1, 1, 0)
