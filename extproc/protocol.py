@@ -20,13 +20,18 @@ Body modes (request direction), from ``protocol_config`` when Envoy sends it, el
   nothing to do with them: ``ProtocolSettings.skip_idle_response_headers``), the one body
   message gets the routing (header mutations in a body response are applied in this mode
   only), which lets Envoy fail open.
+* ``STREAMED`` with ``send_body_without_waiting_for_header_response``: Envoy sends the
+  body chunks without waiting for our headers answer, which we hold until the body ends:
+  then the headers response (mutation, ``clear_route_cache``, metadata) and one answer per
+  chunk received (unchanged, or the replacement body in the first and the others cleared).
+  One round trip per request, and the body is never sent back to Envoy.
 * ``FULL_DUPLEX_STREAMED``: nothing is answered until the body ends (``end_of_stream`` or
   trailers), then the headers response (mutation, ``clear_route_cache``, metadata), then
   the body as ``streamed_response`` chunks of at most ``chunk_bytes``. Body messages
   after the end are ignored (Envoy >= 1.35 may repeat the final chunk, envoy#46237).
-* ``NONE``/``STREAMED``/``GRPC``: the body is not visible to a router, the request is
-  routed at its headers (as a bodiless request always is); ``STREAMED`` body chunks are
-  then passed through unchanged.
+* ``NONE``/``GRPC``/``STREAMED`` (Envoy waiting for the headers answer): the body is not
+  visible to a router, the request is routed at its headers (as a bodiless request always
+  is); ``STREAMED`` body chunks are then passed through unchanged.
 
 The response direction is answered in the mode Envoy uses (``protocol_config``, else the
 request's: full duplex echoes chunks as ``streamed_response``, the others get one empty
@@ -113,6 +118,8 @@ class Mode(enum.Enum):
     """How a direction's body reaches us."""
 
     BUFFERED = "buffered"
+    #: STREAMED, body chunks sent without waiting for our headers answer.
+    STREAMED = "streamed"
     FULL_DUPLEX = "full-duplex"
     #: No body visible (NONE, STREAMED, GRPC): route at the headers.
     HEADERS = "headers"
@@ -122,6 +129,11 @@ def request_mode(config: Any | None, settings: ProtocolSettings) -> Mode:
     """The request body mode from ``protocol_config`` (``None`` when absent) or settings."""
     if config is None:
         return Mode.FULL_DUPLEX if settings.body_mode == "full-duplex" else Mode.BUFFERED
+    if (
+        config.request_body_mode == _BodySendMode.STREAMED
+        and config.send_body_without_waiting_for_header_response
+    ):
+        return Mode.STREAMED
     return _mode_of(config.request_body_mode)
 
 
@@ -269,6 +281,18 @@ def routed_buffered_body(decision: picking.Decision) -> Any:
     )
 
 
+def streamed_acks(chunks: int, body: bytes | None) -> list[Any]:
+    """The answers to ``chunks`` STREAMED request body messages: unchanged, or ``body`` in
+    the first (it replaces that chunk) and the others cleared."""
+    if body is None:
+        return [continue_body(request=True)] * chunks
+    first = ep.BodyResponse(response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=body)))
+    cleared = ep.BodyResponse(response=ep.CommonResponse(body_mutation=ep.BodyMutation(clear_body=True)))
+    return [ep.ProcessingResponse(request_body=first)] + [ep.ProcessingResponse(request_body=cleared)] * (
+        chunks - 1
+    )
+
+
 def streamed_body(body: bytes, chunk_bytes: int, *, request: bool, end_of_stream: bool) -> Iterator[Any]:
     """``body`` as ``streamed_response`` body responses of at most ``chunk_bytes``; the
     last one carries ``end_of_stream``. An empty body is one empty message."""
@@ -374,6 +398,7 @@ class _Stream:
         self._headers: dict[str, str] = {}
         self._subset: tuple[str, ...] | None = None
         self._chunks: list[bytes] = []
+        self._chunk_count = 0  # request body messages received before routing
         self._body_bytes = 0
         self._reported = False  # observer.request called
         self._decision: picking.Decision | None = None  # until finished() is called
@@ -439,6 +464,7 @@ class _Stream:
             # others answer every message (STREAMED chunks after routing at headers).
             return [] if self._mode is Mode.FULL_DUPLEX else [continue_body(request=True)]
         self._chunks.append(body.body)
+        self._chunk_count += 1
         self._body_bytes += len(body.body)
         if self._body_bytes > self._settings.max_body_bytes:
             self._chunks = []
@@ -489,6 +515,8 @@ class _Stream:
             return [routed_headers(result)]
         if mode is Mode.BUFFERED:
             return [routed_buffered_body(result)]
+        if mode is Mode.STREAMED:
+            return [routed_headers(result), *streamed_acks(self._chunk_count, result.body)]
         sent = body if result.body is None else result.body
         chunks = streamed_body(
             sent, self._settings.chunk_bytes, request=True, end_of_stream=not trailers_follow

@@ -377,6 +377,88 @@ async def test_streamed_request_mode_routes_at_headers_and_passes_chunks(start: 
     await close(call)
 
 
+# --- request path: STREAMED, body sent without waiting for the headers answer ----------
+
+STREAMED_NOW = ep.ProtocolConfiguration(
+    request_body_mode=Mode.STREAMED,
+    response_body_mode=Mode.NONE,
+    send_body_without_waiting_for_header_response=True,
+)
+
+
+async def test_streamed_without_waiting_routes_after_the_body_in_one_round_trip(start: Start) -> None:
+    h = await start()
+    call = h.open()
+    pieces = split(BODY, 9)
+    tenant = [("x-inference-cache-tenant", "acme")]
+    await send(
+        call,
+        request_headers(protocol_config=STREAMED_NOW, extra=tenant, subset=["10.0.0.2:8000"]),
+        *[request_body(p, end_of_stream=i == len(pieces) - 1) for i, p in enumerate(pieces)],
+    )
+    # The headers answer waited for the whole body: it routes, then one empty answer per chunk.
+    headers_answer, *chunk_answers = await read(call, 1 + len(pieces))
+    assert headers_answer.WhichOneof("response") == "request_headers"
+    assert headers_answer.request_headers.response.clear_route_cache
+    assert not headers_answer.HasField("mode_override")  # Envoy ignores it in this mode
+    assert_routed(headers_answer.request_headers.response, headers_answer.dynamic_metadata)
+    assert chunk_answers == [ep.ProcessingResponse(request_body=ep.BodyResponse())] * len(pieces)
+    await close(call)
+    (request,) = h.picker.requests
+    assert (request.body, request.subset, request.headers["x-inference-cache-tenant"]) == (
+        BODY,
+        ("10.0.0.2:8000",),
+        "acme",
+    )
+    _, outcome = await h.picker.wait_finished()
+    assert outcome == Outcome(response_complete=False)
+    assert h.observer.requests == [("streamed", "routed", 0)]
+
+
+async def test_streamed_without_waiting_replacement_body_goes_in_the_first_chunk(start: Start) -> None:
+    new = b'{"model":"m","prompt":[1,2]}'
+    h = await start(Decision(endpoints=(DEST,), body=new))
+    call = h.open()
+    await send(
+        call,
+        request_headers(protocol_config=STREAMED_NOW),
+        request_body(BODY[:10], end_of_stream=False),
+        request_body(BODY[10:20], end_of_stream=False),
+        request_body(BODY[20:], end_of_stream=True),
+    )
+    headers_answer, *chunk_answers = await read(call, 4)
+    lengths = [
+        o.header.raw_value
+        for o in headers_answer.request_headers.response.header_mutation.set_headers
+        if o.header.key == "content-length"
+    ]
+    assert lengths == [str(len(new)).encode()]
+    mutations = [a.request_body.response.body_mutation for a in chunk_answers]
+    assert [m.WhichOneof("mutation") for m in mutations] == ["body", "clear_body", "clear_body"]
+    assert mutations[0].body == new
+    await close(call)
+
+
+async def test_streamed_without_waiting_rejection_and_oversize(start: Start) -> None:
+    h = await start(Rejection(ErrorKind.BAD_REQUEST, "nope"))
+    call = h.open()
+    await send(call, request_headers(protocol_config=STREAMED_NOW), request_body(BODY))
+    (answer,) = await read(call, 1)
+    assert_immediate(answer, Rejection(ErrorKind.BAD_REQUEST, "nope"))
+    assert await asyncio.wait_for(call.read(), READ_TIMEOUT_S) is grpc.aio.EOF
+    assert h.observer.requests == [("streamed", "bad_request", 400)]
+
+    h = await start(max_body_bytes=1000)
+    call = h.open()
+    await send(call, request_headers(protocol_config=STREAMED_NOW))
+    await send(
+        call, request_body(b"x" * 600, end_of_stream=False), request_body(b"x" * 600, end_of_stream=False)
+    )
+    (answer,) = await read(call, 1)
+    assert answer.immediate_response.status.code == 413
+    assert h.picker.requests == []
+
+
 # --- rejections -----------------------------------------------------------------------
 
 REJECTIONS = [
