@@ -5,8 +5,8 @@ Owner: ``inference_cache.extproc``. Registered by ``inference_cache.cli`` (``ben
 ``make bench-extproc``). One run starts, and always stops (also on Ctrl-C)::
 
     load generator (aiohttp, C concurrent) --> Envoy A: envoy-buffered.yaml (header_mutation,
-        ext_proc, ORIGINAL_DST) --ext_proc gRPC--> `inference-cache serve` (own process,
-        `taskset -c 0`) --> echo engines
+        ext_proc, ORIGINAL_DST; ``--envoy-config`` another one, e.g. envoy-streamed.yaml)
+        --ext_proc gRPC--> `inference-cache serve` (own process, `taskset -c 0`) --> echo engines
     load generator --> Envoy B: the same file without the ext_proc filter, routed round robin
         over a STATIC cluster of the same engines --> echo engines
 
@@ -159,6 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the server under cProfile (its event-loop thread) and write the stats to OUT",
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed of the prompt text")
+    parser.add_argument(
+        "--envoy-config",
+        type=Path,
+        default=ENVOY_CONFIG,
+        help="the Envoy bootstrap measured (default examples/envoy/envoy-buffered.yaml)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +178,7 @@ class Settings:
     taskset: bool
     profile_server: Path | None = None
     seed: int = 1
+    envoy_config: Path = ENVOY_CONFIG
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -189,6 +196,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         taskset=not args.no_taskset,
         profile_server=args.profile_server,
         seed=args.seed,
+        envoy_config=args.envoy_config,
     )
 
 
@@ -459,14 +467,17 @@ class ServerProcess:
 
 def without_extproc(config: dict[str, Any]) -> dict[str, Any]:
     """The same bootstrap minus the ext_proc filter, routed round robin over a STATIC
-    ``engines`` cluster (its members filled in by :func:`inference_cache.envoy.loopback`)."""
+    ``engines`` cluster (its members filled in by :func:`inference_cache.envoy.loopback`;
+    it replaces the config's own ``engines`` cluster, if any)."""
     out: dict[str, Any] = copy.deepcopy(config)
     hcm = out["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != EXTPROC_FILTER]
     for vhost in hcm["route_config"]["virtual_hosts"]:
         for route in vhost["routes"]:
             route["route"]["cluster"] = envoy.ENGINE_CLUSTER
-    out["static_resources"]["clusters"].append(
+    clusters = out["static_resources"]["clusters"]
+    clusters[:] = [c for c in clusters if c["name"] != envoy.ENGINE_CLUSTER]
+    clusters.append(
         {
             "name": envoy.ENGINE_CLUSTER,
             "type": "STATIC",
@@ -633,9 +644,9 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
         server = await stack.enter_async_context(
             ServerProcess(config_path, pin=settings.taskset, profile=settings.profile_server)
         )
-        shipped = envoy.load_config(ENVOY_CONFIG)
+        shipped = envoy.load_config(settings.envoy_config)
         extproc = server.addresses["extproc_addr"]
-        with_cfg = envoy.loopback(shipped, extproc=extproc)
+        with_cfg = envoy.loopback(shipped, extproc=extproc, engines=engines.addresses)
         alone_cfg = envoy.loopback(without_extproc(shipped), extproc=extproc, engines=engines.addresses)
         with_envoy = await stack.enter_async_context(envoy.EnvoyProcess(with_cfg))
         alone_envoy = await stack.enter_async_context(envoy.EnvoyProcess(alone_cfg))

@@ -38,11 +38,16 @@ CELL_KEYS = {
 
 
 @pytest.mark.timeout(180)
-def test_a_tiny_run_writes_one_object_per_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("envoy_config", [None, "envoy-streamed.yaml", "envoy-override-host.yaml"])
+def test_a_tiny_run_writes_one_object_per_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], envoy_config: str | None
+) -> None:
     out = tmp_path / "bench.json"
     argv = ["bench", "extproc", "--sizes", "64,128", "--requests", "4", "--warmup", "1"]
     argv += ["--concurrency", "2", "--engines", "2", "--no-taskset"]
     argv += ["--tokenizer", str(TINY_TOKENIZER), "--json", str(out)]
+    if envoy_config is not None:  # errors == 0 below: every request was routed through it
+        argv += ["--envoy-config", str(bench.ENVOY_CONFIG.parent / envoy_config)]
 
     assert cli.main(argv) == 0
 
@@ -79,6 +84,14 @@ def test_envoy_alone_differs_from_the_shipped_config_only_in_filter_and_cluster(
     clusters = {c["name"]: c for c in wired["static_resources"]["clusters"]}
     members = clusters[envoy.ENGINE_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [m["endpoint"]["address"]["socket_address"]["port_value"] for m in members] == [2, 3]
+
+
+def test_envoy_alone_replaces_a_configs_own_engine_cluster() -> None:
+    shipped = envoy.load_config(bench.ENVOY_CONFIG.parent / "envoy-override-host.yaml")
+    alone = bench.without_extproc(shipped)
+    engines = [c for c in alone["static_resources"]["clusters"] if c["name"] == envoy.ENGINE_CLUSTER]
+    assert [(c["type"], c["lb_policy"]) for c in engines] == [("STATIC", "ROUND_ROBIN")]
+    assert "load_balancing_policy" in str(shipped)  # the input is untouched
 
 
 def test_histogram_quantile_interpolates_the_delta_between_scrapes() -> None:
