@@ -64,8 +64,9 @@ class ByteMatch:
     matched_bytes: int
     #: Blocks the walk matched before the boundary check.
     walked_blocks: int
-    #: ``none`` (nothing walked), ``end`` (the request ends there), ``exact`` (the check
-    #: passed), ``dropped`` (the check removed blocks), ``drop_last`` (fallback rule).
+    #: ``none`` (nothing walked), ``exact`` (the check passed), ``end`` (passed where
+    #: the request ends), ``dropped`` (the check removed blocks), ``drop_last`` (the
+    #: fallback rule ran: no replicable pre-tokenizer).
     boundary: Boundary
     #: Request length in bytes.
     total_bytes: int
@@ -131,13 +132,18 @@ class ByteMatcher:
             walked = len(keys)
             if not keys:
                 return ByteMatch((), 0, 0, "none", len(data))
-            boundary: Boundary = "end"
-            if ends[-1] != len(data):
-                while keys and not self._is_boundary(data, ends[-1], chain.last_token_bytes(keys[-1])):
-                    keys.pop()
-                    ends.pop()
-                exact = len(keys) == walked
-                boundary = "drop_last" if not self.replicable else "exact" if exact else "dropped"
+            while keys and not self._is_boundary(data, ends[-1], chain.last_token_bytes(keys[-1])):
+                keys.pop()
+                ends.pop()
+        boundary: Boundary = (
+            "drop_last"
+            if not self.replicable
+            else "dropped"
+            if len(keys) < walked
+            else "end"
+            if ends[-1] == len(data)
+            else "exact"
+        )
         return ByteMatch(tuple(keys), ends[-1] if ends else 0, walked, boundary, len(data))
 
     def _walk(self, chain: bytekeys.ChainView, data: bytes, root: bytes) -> tuple[list[int], list[bytes]]:
@@ -194,8 +200,6 @@ class ByteMatcher:
     def _is_boundary(self, data: bytes, at: int, last: int) -> bool:
         """Whether the request's tokens end exactly at byte ``at`` with a final token of
         ``last`` bytes, as the cached block ending there does (see the module docstring)."""
-        if at >= len(data):
-            return True
         window = _WINDOW
         while True:
             verdict = self._check(data, at, last, window)

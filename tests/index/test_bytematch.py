@@ -221,6 +221,11 @@ def test_explicit_merge_across_the_block_end(qwen: Harness) -> None:
     assert h.tok.encode("ab  \tif", add_special_tokens=False).tokens[:2] == ["ab", "ĠĠ"]
     want, got = h.compare(["ab  \tif"], "ab  𓀀")
     assert (want, got.walked_blocks, got.blocks, got.boundary) == (0, 1, 0, "dropped")
+    # ... and where the request ends: "ab  " alone is "ab" + "  "
+    h = Harness(qwen.tok, bs=3)
+    assert h.tok.encode("ab  𓀀", add_special_tokens=False).tokens[:3] == ["ab", "Ġ", "Ġ"]
+    want, got = h.compare(["ab  𓀀"], "ab  ")
+    assert (want, got.walked_blocks, got.blocks, got.boundary) == (0, 1, 0, "dropped")
     # the request ends where the cache does
     h = Harness(qwen.tok, bs=1)
     want, got = h.compare(["I hel"], "I hel")
