@@ -103,7 +103,7 @@ class ProtocolObserver(Protocol):
 
     def request(self, *, mode: str, outcome: str, status: int) -> None:
         """Once per stream that saw request headers. ``mode``: ``buffered``,
-        ``full-duplex`` or ``headers`` (routed at the headers: no visible body);
+        ``streamed``, ``full-duplex`` or ``headers`` (routed at the headers: no visible body);
         ``outcome``: ``routed``, an :class:`~picking.ErrorKind` value (``bad_request``,
         ``too_large``, ``internal``…), or ``abandoned`` (stream ended before an answer);
         ``status``: the ``ImmediateResponse`` HTTP status, 0 when none was sent."""
