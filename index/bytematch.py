@@ -109,10 +109,6 @@ class ByteMatcher:
         self._byte_pieces = pre is not None and pre.pre_tokenize_str("é")[0][0] != "é"
         self._bos, self._eos = _special_affixes(tokenizer, self.table)
 
-    @property
-    def usable(self) -> bool:
-        return self.table.recoverable
-
     def request_bytes(self, text: str, *, add_special_tokens: bool = False) -> bytes | None:
         """The bytes the engine's tokens of ``text`` stand for: the normaliser applied and,
         with ``add_special_tokens``, the post-processor's prefix (``None``: it also appends

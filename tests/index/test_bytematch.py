@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 from tokenizers.processors import TemplateProcessing
 
 from inference_cache.index import bytekeys, bytematch, fingerprint, policy, store
@@ -306,6 +306,15 @@ def test_request_bytes_normalizes_and_adds_the_bos(tiny: Harness) -> None:
 
 def test_qwen_request_bytes_are_nfc(qwen: Harness) -> None:
     assert qwen.matcher.request_bytes("cafe\u0301") == "café".encode()
+    assert qwen.matcher.request_bytes("café") == "café".encode()
+
+
+def test_other_normalizers_run_in_tokenizers() -> None:
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    m = bytematch.ByteMatcher(tok, bytekeys.ByteIndex(bytekeys.ByteTable.of(tok), 4))
+    assert m.request_bytes("Ｈello") == b"hello"
+    assert bytekeys.normalize(tok, "Ｈello") == "hello"
 
 
 def test_estimated_total_tokens() -> None:
