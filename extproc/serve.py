@@ -68,6 +68,8 @@ from inference_cache.proto import pb, pb_grpc
 
 log = logging.getLogger("inference_cache.serve")
 
+#: Bytes of ext_proc message beyond ``limits.max_body_bytes`` (headers, metadata, framing).
+EXTPROC_MESSAGE_HEADROOM = 1 << 20
 #: Seconds between sweeps of the picker's expired speculative entries.
 PICKER_SWEEP_INTERVAL_S = 1.0
 #: Seconds in-flight RPCs get to finish on shutdown (the HTTP servers get the same).
@@ -537,7 +539,13 @@ class Server:
         """The Envoy ext_proc listener: the endpoint picker + gRPC health (``""`` and the
         ext_proc service name, which Envoy's ``grpc_health_check`` asks for)."""
         s = self.config.server
-        server = grpc.aio.server()
+        # gRPC's default 4 MiB message cap would turn any body over it into a stream error
+        # (a 500 from Envoy): let through what limits.max_body_bytes allows, plus headroom
+        # for the message framing; the protocol answers 413 beyond it.
+        cap = self.config.limits.max_body_bytes + EXTPROC_MESSAGE_HEADROOM
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)]
+        )
         service = protocol.ExtProcService(
             self.picker,
             protocol.ProtocolSettings(

@@ -152,3 +152,25 @@ async def test_prediction_and_reported_usage_are_compared(open_stream: Open) -> 
     assert tokens.labels("prompt", "reported")._value.get() == 200
     assert m.extproc.prediction_mismatch.labels("cached")._value.get() == 1
     assert m.extproc.prediction_mismatch.labels("prompt")._value.get() == 0
+
+
+async def test_the_servers_ext_proc_port_takes_bodies_over_grpcs_default_4_mib() -> None:
+    """A 5 MB body reaches the picker (here: an unknown model, 404) instead of failing the
+    stream at gRPC's default 4 MiB message limit (which Envoy turns into a 500)."""
+    from inference_cache import config as config_mod
+    from inference_cache.extproc import serve
+
+    srv = serve.Server(config_mod.Config(server=config_mod.ServerSettings.loopback()))
+    await srv.start()
+    try:
+        assert srv.addresses is not None
+        async with grpc.aio.insecure_channel(
+            srv.addresses.extproc, options=[("grpc.max_send_message_length", 8 << 20)]
+        ) as channel:
+            call = ep_grpc.ExternalProcessorStub(channel).Process()
+            body = chat("x" * (5 * 1000 * 1000))
+            answer = await exchange(call, Mode.BUFFERED, body)
+            assert answer.immediate_response.status.code == 404
+            await close(call)
+    finally:
+        await srv.stop(0)
