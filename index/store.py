@@ -33,6 +33,8 @@ from inference_cache.index import ranking, snapshot, types
 
 Clock = Callable[[], float]
 Listener = Callable[[types.Event], None]
+#: ``(scope, replica_id, keys)``: entries the index evicted (cap, quota or TTL), batched.
+EvictionListener = Callable[[types.Scope, str, Sequence[bytes]], None]
 
 #: Reserved tenant of the functional self-test: always NO_HINT.
 PROBE_TENANT = "inferencecache.io/probe"
@@ -161,6 +163,9 @@ class Index:
         #: ``(replica_id, model, tenant)`` callbacks on ALL_CLEARED (cheap: no event objects
         #: per ingested block, unlike ``add_listener``).
         self._clear_listeners: list[Callable[[str, str, str], None]] = []
+        self._eviction_listeners: list[EvictionListener] = []
+        #: Evictions not yet told to the eviction listeners (lock held to add or take).
+        self._evicted: dict[tuple[types.Scope, str], list[bytes]] = {}
         self._ready = False
         #: Models that ever held entries (their gauge drops to 0 when drained).
         self._reported_models: set[str] = set()
@@ -199,6 +204,25 @@ class Index:
         """Call ``listener(replica_id, model, tenant)`` after a replica's state is cleared
         (an engine restart or resync, ``ALL_CLEARED``), in the writer's thread."""
         self._clear_listeners.append(listener)
+
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call ``listener(scope, replica_id, keys)`` for entries the index itself evicted
+        (entry cap, tenant quota, TTL sweep), batched per write or sweep, after the lock is
+        released, in the writer's thread (auxiliary indexes drop what the index dropped)."""
+        self._eviction_listeners.append(listener)
+
+    def _note_evicted_locked(self, rs: _Replica, key: bytes) -> None:
+        if self._eviction_listeners:
+            self._evicted.setdefault((rs.scope.key, rs.replica_id), []).append(key)
+
+    def _fire_evictions(self) -> None:
+        if not self._evicted:
+            return
+        with self._lock:
+            batch, self._evicted = self._evicted, {}
+        for (scope, replica_id), keys in batch.items():
+            for cb in list(self._eviction_listeners):
+                cb(scope, replica_id, keys)
 
     def _emit(self, events: list[types.Event]) -> None:
         for ev in events:
@@ -244,6 +268,7 @@ class Index:
             if update.stats is not None:
                 self._set_stats_locked(sc.tenant, sc.model, update.replica_id, update.stats, ts_us, events)
             self._enforce_locked(sc.tenant, events)
+        self._fire_evictions()
         if events:
             self._emit(events)
 
@@ -264,6 +289,7 @@ class Index:
         with self._lock:
             self._upsert(scope, replica_id, keys, token_counts, ts_us, events)
             self._enforce_locked(scope.tenant, events)
+        self._fire_evictions()
         if events:
             self._emit(events)
 
@@ -511,6 +537,7 @@ class Index:
             for rs in list(sc.replicas.values()):
                 if k in rs.entries:
                     self._remove_locked(rs, k, events)
+                    self._note_evicted_locked(rs, k)
                     self._prune_locked(rs)
         self.tenant_evictions[tenant] += len(victims)
 
@@ -558,6 +585,7 @@ class Index:
         for rs, k in victims:
             algo = algos[rs.scope.key.tenant]
             self._remove_locked(rs, k, events)
+            self._note_evicted_locked(rs, k)
             self._prune_locked(rs)
             self.index_evictions[(algo, "cap")] += 1
 
@@ -611,6 +639,7 @@ class Index:
                         stale = [k for k, v in rs.entries.items() if v >> _TS_SHIFT <= cut]
                     for k in stale:
                         self._remove_locked(rs, k, events)
+                        self._note_evicted_locked(rs, k)
                     self._prune_locked(rs)
                     if stale:
                         self.index_evictions[(algo, "ttl")] += len(stale)
@@ -618,6 +647,7 @@ class Index:
                 if st.last_seen_us <= cutoff(t):
                     del self._stats[(t, m, r)]
                     self._drop_stat_index(t, m, r)
+        self._fire_evictions()
         if events:
             self._emit(events)
 

@@ -21,6 +21,10 @@ Rules (research ``protocols.md`` §1.5, §2.4, §3):
   the model block(s) it is part of;
 - ranks of one replica (vLLM internal DP load balancing) keep separate maps, but our keys
   are refcounted per replica: the sink hears a removal only when no rank holds the key.
+
+An optional ``bytes_sink`` (``index.bytekeys.ByteIndex``, models matched by bytes, issue #9)
+hears the same stores (with the completed blocks' token ids and the parent before the
+first one), removals and clears, with the very key objects the sink gets.
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from inference_cache.index import fingerprint
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.config import EndpointConfig
 from inference_cache.index.kvevents.counters import Counters
 from inference_cache.index.types import HASH_SCHEME_VLLM, Scope
+
+if TYPE_CHECKING:  # the ``subscribe`` sidecar never loads ``tokenizers``
+    from inference_cache.index import bytekeys
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +97,17 @@ class _Rank:
 class Mapper:
     """Maps one replica's events (all its ranks) onto a ``BlockSink``."""
 
-    def __init__(self, config: EndpointConfig, sink: BlockSink, counters: Counters | None = None) -> None:
+    def __init__(
+        self,
+        config: EndpointConfig,
+        sink: BlockSink,
+        counters: Counters | None = None,
+        *,
+        bytes_sink: bytekeys.ByteIndex | None = None,
+    ) -> None:
         self._config = config
         self._sink = sink
+        self._bytes = bytes_sink
         self.counters = counters if counters is not None else Counters()
         self._ranks: dict[int, _Rank] = {}
         self._refs: Counter[_Ref] = Counter()
@@ -125,9 +140,10 @@ class Mapper:
             for node in state.nodes.values():
                 self._drop_ref(node, gone)
         if not self._refs:
-            self._sink.replica_cleared(
-                self._config.replica_id, model=self._config.model, tenant=self._config.tenant
-            )
+            c = self._config
+            self._sink.replica_cleared(c.replica_id, model=c.model, tenant=c.tenant)
+            if self._bytes is not None:
+                self._bytes.replica_cleared(c.replica_id, model=c.model, tenant=c.tenant)
         else:
             self._emit_removed(gone)
 
@@ -161,13 +177,18 @@ class Mapper:
         page = ev.block_size
         keys: list[bytes] = []
         counts: list[int] = []
+        # For ``bytes_sink``: the prefix before the first completed block, and the
+        # completed blocks' token ids.
+        first_parent: int | None = None
+        block_tokens: list[int] = []
         gone: dict[Scope, list[bytes]] = defaultdict(list)
         for i, engine_hash in enumerate(ev.block_hashes):
             why = _block_extra_reason(ev.extra_keys, i)
             if why is not None:
                 self.counters.skipped_blocks[why] += n - i
                 break
-            node = self._advance(cur, ev.token_ids[i * page : (i + 1) * page], engine_hash, scope, state)
+            page_tokens = ev.token_ids[i * page : (i + 1) * page]
+            node = self._advance(cur, page_tokens, engine_hash, scope, state)
             if node is None:
                 self.counters.skipped_blocks["token_ids"] += n - i
                 break
@@ -176,11 +197,19 @@ class Mapper:
             if old is not None:
                 self._drop_ref(old, gone)
             if node.ref is not None:
+                if not keys:
+                    first_parent = cur.prefix
                 keys.append(node.ref[1])
                 counts.append(node.tokens)
+                if self._bytes is not None:
+                    block_tokens.extend(cur.pending)
+                    block_tokens.extend(page_tokens)
             cur = node
         self._emit_removed(gone)
         if keys:
+            # bytes first: an entry the index evicts on this very write leaves both
+            if self._bytes is not None:
+                self._bytes.blocks_stored(scope, self._config.replica_id, first_parent, keys, block_tokens)
             self._sink.blocks_stored(scope, self._config.replica_id, keys, counts, ts)
 
     def _advance(
@@ -265,6 +294,8 @@ class Mapper:
     def _emit_removed(self, gone: dict[Scope, list[bytes]]) -> None:
         for scope, keys in gone.items():
             self._sink.blocks_removed(scope, self._config.replica_id, keys)
+            if self._bytes is not None:
+                self._bytes.blocks_removed(scope, self._config.replica_id, keys)
 
 
 def _gpu(medium: str | None) -> bool:

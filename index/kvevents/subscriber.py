@@ -25,6 +25,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
@@ -33,6 +34,9 @@ from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.config import EndpointConfig
 from inference_cache.index.kvevents.counters import Counters
 from inference_cache.index.kvevents.mapper import BlockSink, Mapper
+
+if TYPE_CHECKING:  # the ``subscribe`` sidecar never loads ``tokenizers``
+    from inference_cache.index.bytekeys import ByteIndex
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +80,12 @@ class Subscriber:
         context: zmq.asyncio.Context | None = None,
         counters: Counters | None = None,
         sleep: Sleep = asyncio.sleep,
+        bytes_sink: ByteIndex | None = None,
     ) -> None:
+        """``bytes_sink``: the model's byte-chain index (``Mapper``), when matched by bytes."""
         self.config = config
         self.counters = counters if counters is not None else Counters()
-        self.mapper = Mapper(config, sink, self.counters)
+        self.mapper = Mapper(config, sink, self.counters, bytes_sink=bytes_sink)
         self._settings = settings or SubscriberSettings()
         self._context = context
         self._sleep = sleep

@@ -4,15 +4,18 @@ page grouping."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import vllm_samples
 
 from inference_cache.index import fingerprint as fp
+from inference_cache.index.bytekeys import ByteIndex, ByteTable
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.config import EndpointConfig
 from inference_cache.index.kvevents.mapper import Mapper
+from inference_cache.index.store import Index, IndexSettings
 from inference_cache.index.types import Scope
 
 from .conftest import (
@@ -269,3 +272,110 @@ def test_sglang_multi_page_events_and_page_size_must_divide(sink: RecordingSink)
     assert sink.keys() == set(fp.chain_keys([1, 2, 3, 4], 4))
     _apply(m, sglang_stored([5], None, [1, 2, 3], block_size=3), engine="sglang")
     assert m.counters.skipped_blocks == {"block_size": 1}
+
+
+# -- the byte-chain sink (issue #9) -------------------------------------------------------------
+
+
+class _RecordingBytes(ByteIndex):
+    """A real ``ByteIndex`` (token id ``i`` is byte ``i``) that also records what it heard."""
+
+    def __init__(self, block_size: int = 16) -> None:
+        super().__init__(ByteTable(tuple(bytes([i]) for i in range(256)), True), block_size)
+        self.heard: list[tuple[Any, ...]] = []
+
+    def blocks_stored(
+        self,
+        scope: Scope,
+        replica_id: str,
+        parent: int | None,
+        keys: Sequence[bytes],
+        token_ids: Sequence[int],
+    ) -> None:
+        self.heard.append(("stored", scope, replica_id, parent, list(keys), list(token_ids)))
+        super().blocks_stored(scope, replica_id, parent, keys, token_ids)
+
+    def blocks_removed(self, scope: Scope, replica_id: str, keys: Sequence[bytes]) -> None:
+        self.heard.append(("removed", scope, replica_id, list(keys)))
+        super().blocks_removed(scope, replica_id, keys)
+
+    def chain(self, scope: Scope = SCOPE) -> set[bytes]:
+        with self.reading(scope) as view:
+            return set(view.blocks)
+
+
+def _bytes_mapper(sink: RecordingSink, bidx: ByteIndex, **kw: Any) -> Mapper:
+    config = EndpointConfig(replica_id="r1", model="m1", kv_events="tcp://x:1", tenant="t1", **kw)
+    return Mapper(config, sink, bytes_sink=bidx)
+
+
+def test_bytes_sink_hears_the_same_keys_with_parent_and_tokens(sink: RecordingSink) -> None:
+    bidx = _RecordingBytes()
+    m = _bytes_mapper(sink, bidx)
+    _apply(m, vllm_stored([100], None, T32[:16]))
+    _apply(m, vllm_stored([200], 100, T32[16:]))
+    k0, k1 = fp.chain_keys(T32, 16)
+    assert bidx.heard == [
+        ("stored", SCOPE, "r1", None, [k0], T32[:16]),
+        ("stored", SCOPE, "r1", fp.key_int(k0), [k1], T32[16:]),
+    ]
+    # the very key objects the index got
+    assert bidx.heard[0][4][0] is sink.stored()[0][3][0]
+    assert bidx.chain() == {k0, k1}
+    _apply(m, vllm_removed([200]))
+    assert bidx.heard[-1] == ("removed", SCOPE, "r1", [k1])
+    assert bidx.chain() == {k0}
+    _apply(m, CLEARED)
+    assert bidx.holds(SCOPE, "r1") == 0 and bidx.entries == 0
+
+
+def test_bytes_sink_salted_chain_starts_at_the_salt_root(sink: RecordingSink) -> None:
+    bidx = _RecordingBytes()
+    m = _bytes_mapper(sink, bidx)
+    _apply(m, vllm_stored([1, 2], None, T32, extra_keys=[["tenant-salt"], []]))
+    ((_, _, _, parent, keys, tokens),) = bidx.heard
+    assert parent == fp.salt_root("tenant-salt")
+    assert keys == fp.chain_keys(T32, 16, salt="tenant-salt") and tokens == T32
+
+
+def test_bytes_sink_two_ranks_clear_only_when_no_rank_holds(sink: RecordingSink) -> None:
+    bidx = _RecordingBytes()
+    m = _bytes_mapper(sink, bidx)
+    _apply(m, vllm_stored([10, 11], None, T32), rank=0)
+    _apply(m, vllm_stored([20, 21], None, T32), rank=1)
+    k0, k1 = fp.chain_keys(T32, 16)
+    _apply(m, CLEARED, rank=1)
+    assert bidx.chain() == {k0, k1}  # rank 0 still holds both
+    _apply(m, vllm_removed([11]), rank=0)
+    assert bidx.chain() == {k0}
+    m.drop_rank(0)
+    assert bidx.chain() == set() and bidx.entries == 0
+
+
+def test_bytes_sink_sglang_pages_carry_the_whole_block_tokens(sink: RecordingSink) -> None:
+    bidx = _RecordingBytes(block_size=4)
+    m = _bytes_mapper(sink, bidx, engine="sglang", block_size=4)
+    for ev in _sglang_pages(list(range(1, 11))):
+        _apply(m, ev, engine="sglang")
+    k0, k1 = fp.chain_keys(list(range(1, 9)), 4)
+    assert [h[3:] for h in bidx.heard] == [
+        (None, [k0], [1, 2, 3, 4]),
+        (fp.key_int(k0), [k1], [5, 6, 7, 8]),
+    ]
+    _apply(m, sglang_removed([1005]), engine="sglang")  # a middle page of block 2
+    assert bidx.chain() == {k0}
+
+
+def test_bytes_sink_hears_a_store_before_the_index_can_evict_it() -> None:
+    """The index's cap evicts on the write that stores; the byte chain follows it."""
+    index = Index(IndexSettings(max_entries=1))
+    bidx = _RecordingBytes()
+    index.add_eviction_listener(bidx.blocks_removed)
+    m = Mapper(
+        EndpointConfig(replica_id="r1", model="m1", kv_events="tcp://x:1", tenant="t1"),
+        index,
+        bytes_sink=bidx,
+    )
+    _apply(m, vllm_stored([1, 2], None, T32))
+    assert index.total_entries == 1
+    assert bidx.entries == 1 and bidx.heard[-1][0] == "removed"
