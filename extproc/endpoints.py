@@ -5,6 +5,7 @@ Owner: ``inference_cache.extproc`` (the server's composition root starts one
 
     engine GET /health    --probe every health_interval_s--> EndpointWorker.ready
     engine ZMQ KV events  --kvevents.Subscriber/Mapper-->    Index.blocks_stored/removed/cleared
+                                                             (+ the model's ByteIndex, if any)
     engine GET metrics_url --enginestats.StatsScraper-->     Index.set_stats (+ on_stats: the
                                                              picker's engine load gauges)
 
@@ -24,6 +25,7 @@ import aiohttp
 
 from inference_cache import config as config_mod
 from inference_cache import enginestats
+from inference_cache.index.bytekeys import ByteIndex
 from inference_cache.index.kvevents import config as kv_config
 from inference_cache.index.kvevents.counters import Counters
 from inference_cache.index.kvevents.subscriber import Subscriber, SubscriberSettings
@@ -75,7 +77,10 @@ class EndpointWorker:
         on_ready_change: Callable[[str, bool], None] | None = None,
         on_stats: Callable[[str, enginestats.EngineStats | None], None] | None = None,
         sleep: Sleep = asyncio.sleep,
+        byte_index: ByteIndex | None = None,
     ) -> None:
+        """``byte_index``: the model's byte-chain index (``matching: bytes``), fed by the
+        subscriber beside ``index``."""
         self.endpoint = endpoint
         self.replica_id = endpoint.address
         self._index = index
@@ -88,7 +93,13 @@ class EndpointWorker:
         self.ready = True
         #: ``None`` for an endpoint without ``kv_events`` (its model is matched approximately).
         self.subscriber = (
-            Subscriber(kv_endpoint(endpoint, model), index, settings=subscriber_settings, sleep=sleep)
+            Subscriber(
+                kv_endpoint(endpoint, model),
+                index,
+                settings=subscriber_settings,
+                sleep=sleep,
+                bytes_sink=byte_index,
+            )
             if endpoint.kv_events
             else None
         )

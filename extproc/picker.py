@@ -11,15 +11,21 @@ Owner: ``inference_cache.extproc`` (built by ``serve``; called by ``protocol`` f
       --tokenizer--> token ids  (render + prefix-cache probe inline; a long uncached rest
                                  in a worker thread, bounded by the matching deadline)
       --fingerprint.chain_keys--> block keys (salted by cache_salt)
+         (``matching: bytes``, chat requests: render, then index.bytematch walks the
+          rendered bytes over the model's ByteIndex: the matched blocks' keys, no tokenizing)
       --Index.longest_prefix + SpeculativeIndex.match--> matched tokens per replica
       --InflightTracker.load + engine gauges--> scoring.Candidate views
       --scoring.rank--> predicted TTFT order --> Decision (primary + fallbacks)
 
 Without a tokenizer for the model, or without KV events from all its endpoints, the match
 is approximate (``approx``: character chunks, learned from our own decisions) and reported
-as such. When matching overruns its deadline the request is routed on load alone
-(counted). ``finished`` closes the in-flight ticket; the protocol's observer compares the
-engine's reported ``usage`` with the prediction.
+as such. A model with ``matching: bytes`` (a byte-recoverable tokenizer and KV events from
+every endpoint) matches chat requests without special tokens by bytes (``bytes``: the
+matched blocks are exact, the prompt length is estimated from bytes); its decisions are not
+recorded as speculative entries (a byte match has no keys past the matched blocks), and
+other requests take the token path. When matching overruns its deadline the request is
+routed on load alone (counted). ``finished`` closes the in-flight ticket; the protocol's
+observer compares the engine's reported ``usage`` with the prediction.
 
 A templated request (body field ``template`` or header ``x-inference-cache-template``)
 names a PromptTemplate instead of carrying ``prompt`` / ``messages``: the template must be
@@ -56,7 +62,7 @@ from inference_cache.extproc.picking import (
     PickRequest,
     Rejection,
 )
-from inference_cache.index import fingerprint, store, types
+from inference_cache.index import bytekeys, bytematch, fingerprint, store, types
 from inference_cache.index import policy as policy_mod
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ INLINE_TOKENIZE_CHARS = 2048
 
 #: How a decision's match was obtained (the ``match`` label of the decision metrics).
 MATCH_PRECISE = "precise"
+MATCH_BYTES = "bytes"  # precise, by the rendered prompt's bytes (``matching: bytes``)
 MATCH_APPROX = "approximate"
 MATCH_NONE = "none"  # no prompt (bodiless, other paths)
 MATCH_TIMEOUT = "timeout"  # deadline overrun: load only
@@ -90,6 +97,8 @@ class Route:
     tokenizer: tokenizer_mod.CachedChatEncoder | None
     #: Every endpoint of the model publishes KV events (else: approximate matching).
     events: bool = True
+    #: Byte matching of chat requests (``matching: bytes``; ``None``: tokens only).
+    bytes: bytematch.ByteMatcher | None = None
 
     @property
     def precise(self) -> bool:
@@ -157,7 +166,10 @@ class EndpointPicker:
         observer: PickObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         templates: templates_mod.TemplateStore | None = None,
+        byte_indexes: Mapping[str, bytekeys.ByteIndex] | None = None,
     ) -> None:
+        """``byte_indexes``: model -> its ``ByteIndex`` (fed by the subscribers) for the
+        models with ``matching: bytes`` whose table is byte-recoverable (``serve`` builds them)."""
         self.settings = settings or PickerSettings()
         #: The PromptTemplates of templated requests (``None``: every template is unknown).
         self.templates = templates
@@ -177,6 +189,7 @@ class EndpointPicker:
         index.add_clear_listener(lambda rid, _model, _tenant: self.speculative.forget(rid))
         self._rr = itertools.count()
         tokenizers = tokenizers or {}
+        byte_indexes = byte_indexes or {}
         self.routes: dict[str, Route] = {}
         #: LoRA adapter name -> (base model, adapter).
         self._adapters: dict[str, tuple[str, str]] = {}
@@ -185,7 +198,13 @@ class EndpointPicker:
             tok = tokenizers.get(m.name)
             encoder = tokenizer_mod.CachedChatEncoder(tok) if tok is not None else None
             events = all(e.kv_events for e in config.endpoints if e.model == m.name)
-            self.routes[m.name] = Route(m, config.tenant_of(m.name), eps, encoder, events)
+            bidx = byte_indexes.get(m.name)
+            matcher = (
+                bytematch.ByteMatcher(tok.tokenizer, bidx)
+                if tok is not None and bidx is not None and events and bidx.table.recoverable
+                else None
+            )
+            self.routes[m.name] = Route(m, config.tenant_of(m.name), eps, encoder, events, matcher)
             for a in m.lora_adapters:
                 self._adapters[a.name] = (m.name, a.name)
         self._all_endpoints = tuple(e.address for e in config.endpoints)
@@ -332,6 +351,10 @@ class EndpointPicker:
             total = max(1, int(len(text) / self.approx.chars_per_token))
             seed = akeys[0].to_bytes(8, "big") if akeys else text_seed(text)
             return Prompt(None, total, (), MATCH_APPROX, akeys, seed)
+        if route.bytes is not None and parsed.api == "chat" and not parsed.add_special_tokens:
+            by_bytes = self._byte_prompt(route, route.tokenizer, route.bytes, parsed, adapter)
+            if by_bytes is not None:
+                return by_bytes
         budget_ms = policy.lookup_timeout_ms if policy.lookup_timeout_ms > 0 else DEFAULT_MATCH_TIMEOUT_MS
         try:
             tokens = await self._tokenize(route.tokenizer, parsed, budget_ms / 1000)
@@ -344,6 +367,28 @@ class EndpointPicker:
             text = openai.approx_text(parsed)
             return Prompt(None, max(1, len(text) // 4), (), MATCH_UNTOKENIZABLE, seed=text_seed(text))
         return self.precise_prompt(route, tokens, parsed.cache_salt)
+
+    def _byte_prompt(
+        self,
+        route: Route,
+        tok: tokenizer_mod.CachedChatEncoder,
+        matcher: bytematch.ByteMatcher,
+        parsed: openai.ParsedRequest,
+        adapter: str,
+    ) -> Prompt | None:
+        """The chat request matched by its rendered bytes, inline (``None``: the token path
+        decides, e.g. the template refused it and tokenizing reports why)."""
+        try:
+            text = render(tok, parsed)
+        except Exception:  # TemplateError and friends: the token path classifies it
+            return None
+        data = matcher.request_bytes(text)
+        if data is None:
+            return None
+        scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
+        m = matcher.match(scope, data, salt=parsed.cache_salt)
+        total = m.estimated_total_tokens(route.model.block_size)
+        return Prompt(None, total, m.keys, MATCH_BYTES, seed=text_seed(data))
 
     async def _tokenize(
         self, tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest, budget_s: float
@@ -367,7 +412,7 @@ class EndpointPicker:
         bs = route.model.block_size
         indexed: dict[str, int] = {}
         matched: dict[str, int] = {}
-        if prompt.match == MATCH_PRECISE and prompt.keys:
+        if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.keys:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             for m in self._index.longest_prefix(scope, prompt.keys):
                 indexed[m.replica_id] = m.matched_tokens
@@ -378,7 +423,8 @@ class EndpointPicker:
             for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
                 matched[rid] = self.approx.tokens(blocks)
         # An engine always recomputes the last prompt token: a full hit is one block short.
-        cap = scoring.hit_cap(prompt.total_tokens, bs) if prompt.tokens is not None else prompt.total_tokens
+        exact = prompt.tokens is not None or prompt.match == MATCH_BYTES
+        cap = scoring.hit_cap(prompt.total_tokens, bs) if exact else prompt.total_tokens
         views = self.inflight.candidates(candidates, matched, cap)
         order = scoring.rank(views, prompt.total_tokens, self.settings.scoring, seed=prompt.seed)
         return Ranked(order, indexed, prompt)
@@ -413,7 +459,9 @@ class EndpointPicker:
             endpoints=endpoints,
             debug=debug,
             predicted_prompt_tokens=prompt.total_tokens if prompt.tokens is not None else None,
-            predicted_cached_tokens=chosen.matched_tokens if prompt.tokens is not None else None,
+            predicted_cached_tokens=(
+                chosen.matched_tokens if prompt.tokens is not None or prompt.match == MATCH_BYTES else None
+            ),
             state=_State(ticket, route.model.name, prompt.match, chosen.replica_id),
         )
 

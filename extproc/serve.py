@@ -62,8 +62,8 @@ from inference_cache import enginestats
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, templates, tls, warmup
 from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
+from inference_cache.index import bytekeys, snapshot, store, types
 from inference_cache.index import policy as policy_mod
-from inference_cache.index import snapshot, store
 from inference_cache.proto import pb, pb_grpc
 
 log = logging.getLogger("inference_cache.serve")
@@ -366,6 +366,31 @@ def load_tokenizers(config: config_mod.Config) -> dict[str, tokenizer_mod.Prompt
     return out
 
 
+def build_byte_indexes(
+    config: config_mod.Config, tokenizers: Mapping[str, tokenizer_mod.PromptTokenizer]
+) -> dict[str, bytekeys.ByteIndex]:
+    """model name -> an empty ``ByteIndex`` for each ``matching: bytes`` model that can use
+    one: a byte-recoverable tokenizer and KV events from every endpoint; otherwise the
+    model keeps the token path (logged once, at start-up)."""
+    out: dict[str, bytekeys.ByteIndex] = {}
+    for m in config.models:
+        if m.matching != "bytes":
+            continue
+        tok = tokenizers.get(m.name)
+        if tok is None:
+            why = "no tokenizer"
+        elif not all(e.kv_events for e in config.endpoints if e.model == m.name):
+            why = "an endpoint has no kv_events"
+        else:
+            table = bytekeys.ByteTable.of(tok.tokenizer)
+            if table.recoverable:
+                out[m.name] = bytekeys.ByteIndex(table, m.block_size)
+                continue
+            why = table.reason
+        log.warning("byte_matching_off", extra={"model": m.name, "reason": why})
+    return out
+
+
 def load_templates(config: config_mod.Config) -> list[templates.StoredTemplate]:
     """The config's ``templates:`` decoded; raises ``ConfigError``."""
     try:
@@ -421,6 +446,12 @@ class Server:
         self.metrics = ServerMetrics(
             read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
         )
+        toks = tokenizers if tokenizers is not None else load_tokenizers(config)
+        #: model -> its byte-chain index (``matching: bytes`` models that can use it).
+        self.byte_indexes = build_byte_indexes(config, toks)
+        if self.byte_indexes:
+            self.index.add_eviction_listener(self._bytes_evicted)
+            self.index.add_clear_listener(self._bytes_cleared)
         self.picker = picker.EndpointPicker(
             config,
             self.index,
@@ -433,7 +464,8 @@ class Server:
                 limits=config.limits,
                 scoring=config.scoring,
             ),
-            tokenizers=tokenizers if tokenizers is not None else load_tokenizers(config),
+            tokenizers=toks,
+            byte_indexes=self.byte_indexes,
             is_ready=lambda rid: self._ready.get(rid, True),
             observer=self.metrics.extproc,
             templates=self.templates,
@@ -461,6 +493,16 @@ class Server:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.addresses: BoundAddresses | None = None
+
+    def _bytes_evicted(self, scope: types.Scope, replica_id: str, keys: Sequence[bytes]) -> None:
+        bidx = self.byte_indexes.get(scope.model)
+        if bidx is not None:
+            bidx.blocks_removed(scope, replica_id, keys)
+
+    def _bytes_cleared(self, replica_id: str, model: str, tenant: str) -> None:
+        bidx = self.byte_indexes.get(model)
+        if bidx is not None:
+            bidx.replica_cleared(replica_id, model=model, tenant=tenant)
 
     # -- building blocks --------------------------------------------------------------------
     def _authenticator(self, counter: Callable[[str], None]) -> auth.Authenticator | None:
@@ -625,6 +667,7 @@ class Server:
                 stats_interval_s=self.config.stats_interval_s,
                 on_ready_change=self._on_ready_change,
                 on_stats=self._on_engine_stats,
+                byte_index=self.byte_indexes.get(e.model),
             )
             self.metrics.endpoint_ready.labels(worker.replica_id).set(1)
             self.workers.append(worker)

@@ -16,6 +16,7 @@ File layout (every key optional except where noted)::
         block_size: 16          # tokens per KV block (the engine's --block-size)
         tokenizer: /models/qwen      # local dir with tokenizer.json (+ tokenizer_config.json)
         chat_template: null          # a .jinja file overriding the tokenizer config's template
+        matching: tokens             # tokens | bytes (match engine block bytes, no tokenizing)
         lora_adapters: [{name: sql-lora, id: 1}]
     endpoints:
       - address: 10.0.0.7:8000  # required: the replica id (what the gateway routes to)
@@ -125,6 +126,10 @@ class LoraAdapter:
     id: int
 
 
+#: ``models[].matching`` values.
+MATCHING_MODES = ("tokens", "bytes")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
@@ -136,6 +141,10 @@ class ModelConfig:
     #: A Jinja chat-template file overriding the tokenizer config's template.
     chat_template: str | None = None
     lora_adapters: tuple[LoraAdapter, ...] = ()
+    #: How precise matching keys a request: ``tokens`` (tokenize it) or ``bytes`` (match its
+    #: rendered bytes against the engine's block bytes, issue #9; needs a byte-recoverable
+    #: tokenizer and KV events from every endpoint, else tokens).
+    matching: str = "tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +424,10 @@ def validate(config: Config) -> None:
         if m.block_size <= 0:
             raise ConfigError(
                 f"{where}.block_size: must be > 0 (the engine's --block-size), got {m.block_size}"
+            )
+        if m.matching not in MATCHING_MODES:
+            raise ConfigError(
+                f"{where}.matching: must be one of {', '.join(MATCHING_MODES)}, got {m.matching!r}"
             )
         seen_names: set[str] = set()
         seen_ids: set[int] = set()

@@ -388,12 +388,13 @@ def server_config(
     metrics: bool,
     limits: Limits | None = None,
     scoring: ScoringSettings | None = None,
+    matching: str = "tokens",
     **server: Any,
 ) -> config_mod.Config:
     settings = config_mod.ServerSettings.loopback(**{"debug_decision_header": True, **server})
     cfg = config_mod.Config(
         server=settings,
-        models=(config_mod.ModelConfig(name=MODEL, block_size=BS, tokenizer=str(QWEN)),),
+        models=(config_mod.ModelConfig(name=MODEL, block_size=BS, tokenizer=str(QWEN), matching=matching),),
         endpoints=tuple(
             config_mod.EndpointConfig(
                 address=f"127.0.0.1:{e.port}",
@@ -416,7 +417,7 @@ def server_config(
 @pytest.fixture
 async def start_fleet() -> AsyncIterator[StartFleet]:
     """``await start_fleet(config, engines=3, servers=1, metrics=True, time_model=...,
-    replay=True, limits=..., scoring=..., **server flags)``: everything stopped when the
+    replay=True, limits=..., scoring=..., matching=..., **server flags)``: everything stopped when the
     test ends. ``replay=False``: engines without a replay endpoint."""
     assert (QWEN / "tokenizer.json").exists(), "run `make tokenizer` (make test does) first"
     async with contextlib.AsyncExitStack() as stack:
@@ -431,6 +432,7 @@ async def start_fleet() -> AsyncIterator[StartFleet]:
             replay: bool = True,
             limits: Limits | None = None,
             scoring: ScoringSettings | None = None,
+            matching: str = "tokens",
             **server: Any,
         ) -> Fleet:
             ipc = stack.enter_context(tempfile.TemporaryDirectory(prefix="ic-e2e-"))
@@ -451,7 +453,9 @@ async def start_fleet() -> AsyncIterator[StartFleet]:
                 )
                 stack.push_async_callback(r.close)
                 running.append(r)
-            cfg = server_config(running, metrics=metrics, limits=limits, scoring=scoring, **server)
+            cfg = server_config(
+                running, metrics=metrics, limits=limits, scoring=scoring, matching=matching, **server
+            )
             started = []
             for _ in range(servers):
                 srv = Server(cfg)

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from inference_cache import config, render, tokenizer
-from inference_cache.extproc import openai, picker, templates
+from inference_cache.extproc import openai, picker, serve, templates
 from inference_cache.extproc.picking import Decision, ErrorKind, Outcome, PickRequest, Rejection
 from inference_cache.extproc.scoring import ScoringSettings
-from inference_cache.index import fingerprint, policy, store, types
+from inference_cache.index import bytekeys, fingerprint, policy, store, types
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
 MODEL = "m"
@@ -543,3 +543,112 @@ async def test_without_a_template_store_every_template_is_unknown() -> None:
     p, _ = make_picker()
     rejection = await reject(p, request(templated("q")))
     assert (rejection.status, json.loads(rejection.body())["error"]["code"]) == (404, "template_not_found")
+
+
+# -- matching: bytes (issue #9) --------------------------------------------------------------
+
+
+def bytes_picker(
+    *, events: bool = True, max_entries: int = 0, **settings: Any
+) -> tuple[picker.EndpointPicker, store.Index, bytekeys.ByteIndex | None]:
+    """A picker whose model is matched by bytes, its ``ByteIndex`` built as ``serve`` builds it
+    and kept in step with the index's evictions."""
+    cfg = config.Config(
+        models=(config.ModelConfig(MODEL, block_size=BS, tokenizer=str(TINY), matching="bytes"),),
+        endpoints=tuple(
+            config.EndpointConfig(
+                address=a, model=MODEL, tenant="t", kv_events="tcp://127.0.0.1:1" if events else None
+            )
+            for a in (A, B, C)
+        ),
+    )
+    config.validate(cfg)
+    toks = {MODEL: tokenizer.PromptTokenizer.load(TINY)}
+    byte_indexes = serve.build_byte_indexes(cfg, toks)
+    index = store.Index(store.IndexSettings(max_entries=max_entries))
+    bidx = byte_indexes.get(MODEL)
+    if bidx is not None:
+        index.add_eviction_listener(lambda scope, rid, keys: bidx.blocks_removed(scope, rid, keys))
+    p = picker.EndpointPicker(
+        cfg,
+        index,
+        policy.PolicyStore(),
+        settings=picker.PickerSettings(debug_header=True, **settings),
+        tokenizers=toks,
+        clock=Clock(),
+        byte_indexes=byte_indexes,
+    )
+    return p, index, bidx
+
+
+def cache_both(index: store.Index, bidx: bytekeys.ByteIndex, replica: str, ids: list[int]) -> int:
+    """What a replica's KV events feed: the index and the model's byte chain, same keys."""
+    keys = fingerprint.chain_keys(ids, BS)
+    scope = types.Scope("t", MODEL, "vllm", "")
+    bidx.blocks_stored(scope, replica, None, keys, ids[: len(keys) * BS])  # first, as the mapper does
+    index.blocks_stored(scope, replica, keys, [BS * (i + 1) for i in range(len(keys))])
+    return len(keys) * BS
+
+
+def match_of(d: Decision) -> str:
+    assert d.debug is not None
+    return str(json.loads(d.debug)["match"])
+
+
+async def test_bytes_matching_finds_the_cached_prefix_without_tokenizing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p, index, bidx = bytes_picker()
+    assert bidx is not None and p.routes[MODEL].bytes is not None
+    first = chat_ids(LONG)
+    cache_both(index, bidx, B, first)
+    follow = LONG + "and then some more words about the fox"
+    twin, twin_index = make_picker()  # the token path, same cache
+    cache_on(twin_index, B, first)
+    want = await pick(twin, request(chat_body(follow)))
+
+    def no_tokenizing(*_a: Any, **_k: Any) -> list[int]:
+        raise AssertionError("the byte path must not tokenize")
+
+    monkeypatch.setattr(tokenizer.CachedChatEncoder, "finish", no_tokenizing)
+    monkeypatch.setattr(tokenizer.CachedChatEncoder, "encode_text", no_tokenizing)
+    d = await pick(p, request(chat_body(follow)))
+    assert d.endpoints == (B,)
+    assert match_of(d) == picker.MATCH_BYTES
+    # exactly the token path's prediction
+    assert d.predicted_cached_tokens == want.predicted_cached_tokens > 0
+    assert d.predicted_prompt_tokens is None  # estimated from bytes: not a prediction
+
+
+async def test_bytes_matching_leaves_other_requests_on_the_token_path() -> None:
+    p, index, bidx = bytes_picker()
+    assert bidx is not None
+    cache_both(index, bidx, B, chat_ids(LONG))
+    d = await pick(p, request(chat_body(LONG, add_special_tokens=True)))
+    assert match_of(d) == picker.MATCH_PRECISE
+    d = await pick(p, request({"model": MODEL, "prompt": LONG}, path="/v1/completions"))
+    assert match_of(d) == picker.MATCH_PRECISE
+
+
+async def test_bytes_matching_needs_kv_events_from_every_endpoint() -> None:
+    p, _index, bidx = bytes_picker(events=False)
+    assert bidx is None and p.routes[MODEL].bytes is None
+    d = await pick(p, request(chat_body(LONG)))
+    assert match_of(d) == picker.MATCH_APPROX
+
+
+async def test_index_evictions_drop_the_byte_chain_entries() -> None:
+    _p, index, bidx = bytes_picker(max_entries=4)
+    assert bidx is not None
+    ids = chat_ids(LONG)
+    blocks = cache_both(index, bidx, B, ids) // BS
+    assert blocks > 4
+    assert index.total_entries == 4 and bidx.entries == 4  # the cap evicted the rest from both
+    with bidx.reading(types.Scope("t", MODEL, "vllm", "")) as chain:
+        assert len(chain.blocks) == 4 and set(chain.blocks) <= set(fingerprint.chain_keys(ids, BS))
+
+
+def test_matching_must_be_tokens_or_bytes() -> None:
+    cfg = config.Config(models=(config.ModelConfig(MODEL, matching="fuzzy"),))
+    with pytest.raises(config.ConfigError, match=r"models\[0\]\.matching"):
+        config.validate(cfg)
