@@ -61,6 +61,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference_cache import config as config_mod
 from inference_cache import envoy
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import openai, picker
@@ -357,15 +358,7 @@ def server_config(tokenizer: Path, engines: Sequence[str], ipc_dir: str) -> dict
     """The ``serve --config`` file: loopback ports chosen by the OS, one model with the
     tokenizer, the engines (KV-event endpoints nobody binds: the bench reports cache state)."""
     return {
-        "server": {
-            "grpc_bind_address": f"{envoy.LOOPBACK}:0",
-            "http_bind_address": f"{envoy.LOOPBACK}:0",
-            "snapshot_bind_address": f"{envoy.LOOPBACK}:0",
-            "extproc_bind_address": f"{envoy.LOOPBACK}:0",
-            "insecure_disable_auth": True,
-            "log_format": "json",
-            "log_level": "info",
-        },
+        "server": config_mod.ServerSettings.loopback(log_format="json").file_section(),
         "models": [{"name": MODEL, "block_size": BLOCK_SIZE, "tokenizer": str(tokenizer)}],
         "endpoints": [
             {"address": a, "model": MODEL, "tenant": TENANT, "kv_events": f"ipc://{ipc_dir}/e{i}-events"}

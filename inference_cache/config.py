@@ -117,6 +117,11 @@ class ServerSettings:
         binds = {f"{name}_bind_address": "127.0.0.1:0" for name in ("grpc", "http", "snapshot", "extproc")}
         return cls(**{**binds, "insecure_disable_auth": True, **overrides})
 
+    def file_section(self) -> dict[str, Any]:
+        """This as the ``server:`` mapping of a ``serve --config`` file (what ``parse``
+        reads back into an equal object)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
 
 @dataclass(frozen=True, slots=True)
 class LoraAdapter:

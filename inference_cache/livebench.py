@@ -54,6 +54,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import yaml
 
+from inference_cache import config as config_mod
 from inference_cache import demo_workload, envoy
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import openai, picker
@@ -441,15 +442,7 @@ def peer_command(
 
 def our_server_config(settings: Settings, engines: Sequence[Engine]) -> dict[str, Any]:
     return {
-        "server": {
-            "grpc_bind_address": f"{envoy.LOOPBACK}:0",
-            "http_bind_address": f"{envoy.LOOPBACK}:0",
-            "snapshot_bind_address": f"{envoy.LOOPBACK}:0",
-            "extproc_bind_address": f"{envoy.LOOPBACK}:0",
-            "insecure_disable_auth": True,
-            "log_format": "json",
-            "log_level": "info",
-        },
+        "server": config_mod.ServerSettings.loopback(log_format="json").file_section(),
         "models": [
             {
                 "name": MODEL,

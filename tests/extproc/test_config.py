@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import yaml
 
 from inference_cache import config
 from inference_cache.extproc import serve
@@ -309,3 +310,9 @@ def test_templates_section_reaches_the_server_store() -> None:
 def test_templates_rejections_name_the_path(doc: str, message: str) -> None:
     with pytest.raises(config.ConfigError, match=message):
         config.parse(doc)
+
+
+def test_server_settings_round_trip_through_a_config_file() -> None:
+    settings = config.ServerSettings.loopback(log_format="text", allowed_producer_sa=("ns:a", "ns:b"))
+    text = yaml.safe_dump({"server": settings.file_section()})
+    assert config.parse(text).server == settings
