@@ -39,6 +39,7 @@ and routing runs on exactly that request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -297,6 +298,23 @@ class EndpointPicker:
         if base is not None:
             return self.routes[base[0]], base[1]
         raise Rejection(ErrorKind.MODEL_NOT_FOUND, f"The model `{model}` does not exist.", "model")
+
+    def set_endpoints(self, model: str, endpoints: Sequence[config_mod.EndpointConfig]) -> None:
+        """Replace ``model``'s endpoints at runtime (serve's endpoint discovery). The route
+        takes their tenant (kept when there are none) and stays precise only if all of them
+        publish KV events; byte matching is kept only then. Unknown models are ignored."""
+        route = self.routes.get(model)
+        if route is None:
+            return
+        events = all(e.kv_events for e in endpoints)
+        self.routes[model] = dataclasses.replace(
+            route,
+            endpoints=tuple(e.address for e in endpoints),
+            tenant=endpoints[0].tenant if endpoints else route.tenant,
+            events=events,
+            bytes=route.bytes if events else None,
+        )
+        self._all_endpoints = tuple(e for r in self.routes.values() for e in r.endpoints)
 
     def ready_endpoints(self, route: Route) -> list[str]:
         return [e for e in route.endpoints if self._is_ready(e)]
