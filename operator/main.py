@@ -4,7 +4,11 @@ Owner: ``inference_cache.operator``. Place in the flow: this module parses the f
 operator Deployment passes (``config/manager/operator.yaml``), builds one :class:`Kube`
 for the handlers, registers the handler modules on a kopf registry, and runs kopf
 clusterwide in standalone mode (no peering) next to a small health server
-(``/healthz``: the event loop answers; ``/readyz``: kopf finished its startup). The
+(``/healthz``: the event loop answers; ``/readyz``: kopf finished its startup). With
+``--leader-elect`` it first waits to hold the Lease (``operator.leader``) and runs kopf only
+while it holds it: losing it stops kopf and exits 1 (the Deployment restarts the container
+as a standby). A standby serves only ``/healthz``: its ``/readyz`` stays 503, so the
+webhook Service sends admission requests to the leader alone. The
 handlers do the work (``operator.handlers_*``), and they decide nothing either: the pure
 ``desired_*`` functions do.
 
@@ -24,6 +28,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +48,7 @@ from inference_cache.operator import (
     handlers_backend,
     handlers_controlplane,
     handlers_webhooks,
+    leader,
     server_client,
     webhook,
 )
@@ -117,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--leader-elect",
         action="store_true",
-        help="accepted for the manifests; not implemented yet: run one replica",
+        help=f"run kopf only while holding the Lease {leader.LEASE_NAME} (identity: the pod name)",
     )
     parser.add_argument(
         "--health-probe-bind-address",
@@ -309,22 +315,28 @@ async def operate(
     registry: kopf.OperatorRegistry,
     kube: Kube,
     *,
+    elector: leader.LeaderElector | None = None,
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
 ) -> None:
     """kopf (clusterwide, standalone), the health server and, without mounted certificate
     files, the operator's own webhook certificate, until stopped (a signal, or
-    ``stop_flag``)."""
+    ``stop_flag``). With ``elector``: the health server first, then kopf once the lease is
+    held, stopped with :class:`leader.LeaseLost` raised when it is lost."""
     ready = ready_flag or asyncio.Event()
-    async with health_server(config.health, ready), webhook_certificates(config, kube) as generated:
-        await kopf.operator(
-            registry=registry,
-            settings=kopf_settings(config, generated),
-            standalone=True,
-            clusterwide=True,
-            stop_flag=stop_flag,
-            ready_flag=ready,
-        )
+    stop = stop_flag or asyncio.Event()
+    async with health_server(config.health, ready):
+        if elector is not None:
+            await elector.acquire()
+        async with webhook_certificates(config, kube) as generated, leader.leading(elector, stop):
+            await kopf.operator(
+                registry=registry,
+                settings=kopf_settings(config, generated),
+                standalone=True,
+                clusterwide=True,
+                stop_flag=stop,
+                ready_flag=ready,
+            )
 
 
 def _api_client() -> k8s.ApiClient:
@@ -342,8 +354,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"inference-cache operator: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.leader_elect:
-        log.warning("--leader-elect is not implemented: run a single replica")
     try:
         api = _api_client()
     except kubernetes.config.ConfigException as e:
@@ -351,5 +361,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     with api:
         kube = Kube(api, clock=_utcnow)
-        asyncio.run(operate(config, build_registry(config, kube), kube))
+        elector = None
+        if config.leader_elect:
+            # A pod's host name is its name: a restarted container renews its own lease.
+            settings = leader.LeaseSettings(namespace=config.namespace, identity=socket.gethostname())
+            elector = leader.LeaderElector(kube, settings)
+        try:
+            asyncio.run(operate(config, build_registry(config, kube), kube, elector=elector))
+        except leader.LeaseLost as e:
+            print(f"inference-cache operator: {e}", file=sys.stderr)
+            return 1
     return 0
