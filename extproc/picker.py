@@ -10,10 +10,12 @@ Owner: ``inference_cache.extproc`` (built by ``serve``; called by ``protocol`` f
                                  into a plain OpenAI request (Decision.body), parse that
       --tokenizer--> token ids  (render + prefix-cache probe inline; a long uncached rest
                                  in a worker thread, bounded by the matching deadline)
-      --fingerprint.chain_keys--> block keys (salted by cache_salt)
+      --fingerprint.chain_keys--> block keys (salted by cache_salt; a chat continues the
+                                 keys cached beside its token prefix: only new blocks hashed)
          (``matching: bytes``, chat requests: render, then index.bytematch walks the
           rendered bytes over the model's ByteIndex: the matched blocks' keys, no tokenizing)
-      --Index.longest_prefix + SpeculativeIndex.match--> matched tokens per replica
+      --Index.longest_prefix + SpeculativeIndex.match (continuing each replica's index
+                                 run)--> matched tokens per replica
       --InflightTracker.load + engine gauges--> scoring.Candidate views
       --scoring.rank--> predicted TTFT order --> Decision (primary + fallbacks)
 
@@ -77,6 +79,8 @@ DEFAULT_MATCH_TIMEOUT_MS = 1000
 #: Characters left to tokenize after the prefix cache up to which we tokenize on the event
 #: loop (~0.5 ms of BPE): below it a worker-thread hop costs more than it saves.
 INLINE_TOKENIZE_CHARS = 2048
+#: Block-key chains (block size x cache_salt) kept per cached token prefix (``block_keys``).
+BLOCK_KEY_VARIANTS = 4
 
 #: How a decision's match was obtained (the ``match`` label of the decision metrics).
 MATCH_PRECISE = "precise"
@@ -132,6 +136,9 @@ class Ranked:
     #: speculative and approximate matches only steer the scoring).
     matched: dict[str, int]
     prompt: Prompt
+    #: Leading matched blocks per replica in the KV index (the speculative entries of a
+    #: decision start past them).
+    indexed_blocks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -319,8 +326,16 @@ class EndpointPicker:
     def ready_endpoints(self, route: Route) -> list[str]:
         return [e for e in route.endpoints if self._is_ready(e)]
 
-    def precise_prompt(self, route: Route, tokens: Sequence[int], salt: str | None = None) -> Prompt:
-        keys = fingerprint.chain_keys(tokens, route.model.block_size, salt=salt)
+    def precise_prompt(
+        self,
+        route: Route,
+        tokens: Sequence[int],
+        salt: str | None = None,
+        keys: Sequence[bytes] | None = None,
+    ) -> Prompt:
+        """``tokens`` keyed for matching; ``keys``: their block keys when already known."""
+        if keys is None:
+            keys = fingerprint.chain_keys(tokens, route.model.block_size, salt=salt)
         seed = keys[0] if keys else text_seed(",".join(map(str, tokens)).encode())
         return Prompt(tuple(tokens), len(tokens), keys, MATCH_PRECISE, seed=seed)
 
@@ -375,7 +390,9 @@ class EndpointPicker:
                 return by_bytes
         budget_ms = policy.lookup_timeout_ms if policy.lookup_timeout_ms > 0 else DEFAULT_MATCH_TIMEOUT_MS
         try:
-            tokens = await self._tokenize(route.tokenizer, parsed, budget_ms / 1000)
+            tokens, keys = await self._tokenize(
+                route.tokenizer, parsed, budget_ms / 1000, route.model.block_size
+            )
         except TimeoutError:
             text = openai.approx_text(parsed)
             return Prompt(None, max(1, len(text) // 4), (), MATCH_TIMEOUT, seed=text_seed(text))
@@ -384,7 +401,7 @@ class EndpointPicker:
             log.debug("tokenize_failed", extra={"model": route.model.name, "error": str(exc)})
             text = openai.approx_text(parsed)
             return Prompt(None, max(1, len(text) // 4), (), MATCH_UNTOKENIZABLE, seed=text_seed(text))
-        return self.precise_prompt(route, tokens, parsed.cache_salt)
+        return self.precise_prompt(route, tokens, parsed.cache_salt, keys)
 
     def _byte_prompt(
         self,
@@ -409,33 +426,46 @@ class EndpointPicker:
         return Prompt(None, total, m.keys, MATCH_BYTES, seed=text_seed(data))
 
     async def _tokenize(
-        self, tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest, budget_s: float
-    ) -> list[int]:
-        """Token ids as the engine makes them. Rendering and the prefix-cache probe run
-        inline (cheap); the rest runs inline when short (a follow-up turn: a thread hop
-        would cost more), else in a worker thread bounded by ``budget_s``."""
+        self,
+        tok: tokenizer_mod.CachedChatEncoder,
+        parsed: openai.ParsedRequest,
+        budget_s: float,
+        block_size: int,
+    ) -> tuple[list[int], list[bytes] | None]:
+        """Token ids as the engine makes them, and for a chat their block keys (unsalted or
+        salted by ``cache_salt``; ``None``: the caller keys them). Rendering and the
+        prefix-cache probe run inline (cheap); the rest runs inline when short (a follow-up
+        turn: a thread hop would cost more), else in a worker thread bounded by
+        ``budget_s``."""
         if parsed.api == "chat" and not parsed.add_special_tokens:
             text = render(tok, parsed)
             probe = tok.lookup(text)
             if len(text) - probe.start <= INLINE_TOKENIZE_CHARS:
-                return tok.finish(text, probe)
-            return await asyncio.wait_for(asyncio.to_thread(tok.finish, text, probe), timeout=budget_s)
+                encoded = tok.finish_entry(text, probe)
+            else:
+                encoded = await asyncio.wait_for(
+                    asyncio.to_thread(tok.finish_entry, text, probe), timeout=budget_s
+                )
+            return encoded.ids, block_keys(probe, encoded, block_size, parsed.cache_salt)
         if parsed.api == "completions" and parsed.token_ids:
-            return list(parsed.token_ids[0])
-        return await asyncio.wait_for(asyncio.to_thread(tokenize, tok, parsed), timeout=budget_s)
+            return list(parsed.token_ids[0]), None
+        tokens = await asyncio.wait_for(asyncio.to_thread(tokenize, tok, parsed), timeout=budget_s)
+        return tokens, None
 
     def rank(self, route: Route, adapter: str, prompt: Prompt, candidates: Sequence[str]) -> Ranked:
         """Score ``candidates`` for ``prompt``: predicted TTFT order (pure read of the index,
         the speculative and approximate indexes and the in-flight load)."""
         bs = route.model.block_size
         indexed: dict[str, int] = {}
+        indexed_blocks: dict[str, int] = {}
         matched: dict[str, int] = {}
         if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.keys:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             for m in self._index.longest_prefix(scope, prompt.keys):
                 indexed[m.replica_id] = m.matched_tokens
+                indexed_blocks[m.replica_id] = m.matched_blocks
             matched.update(indexed)
-            for rid, n in self.speculative.match_tokens(scope, prompt.keys).items():
+            for rid, n in self.speculative.match_tokens(scope, prompt.keys, indexed_blocks).items():
                 matched[rid] = max(matched.get(rid, 0), n)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
@@ -445,7 +475,7 @@ class EndpointPicker:
         cap = scoring.hit_cap(prompt.total_tokens, bs) if exact else prompt.total_tokens
         views = self.inflight.candidates(candidates, matched, cap)
         order = scoring.rank(views, prompt.total_tokens, self.settings.scoring, seed=prompt.seed)
-        return Ranked(order, indexed, prompt)
+        return Ranked(order, indexed, prompt, indexed_blocks)
 
     def _decide(self, route: Route, adapter: str, ranked: Ranked) -> Decision:
         order = ranked.order
@@ -466,7 +496,8 @@ class EndpointPicker:
         ticket = self.inflight.begin(chosen.replica_id, uncached)
         if prompt.match == MATCH_PRECISE and prompt.keys:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
-            self.speculative.record(scope, chosen.replica_id, prompt.keys, route.model.block_size)
+            held = ranked.indexed_blocks.get(chosen.replica_id, 0)  # the index has these
+            self.speculative.record(scope, chosen.replica_id, prompt.keys, route.model.block_size, start=held)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             self.approx.record(chosen.replica_id, prompt.approx_keys)
         endpoints = tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints])
@@ -511,6 +542,29 @@ def tokenize(tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest)
         return list(parsed.token_ids[0])
     text = parsed.prompts[0] if parsed.prompts else ""
     return tok.tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens)
+
+
+def block_keys(
+    probe: tokenizer_mod.Probe, encoded: tokenizer_mod.Encoded, block_size: int, salt: str | None
+) -> list[bytes]:
+    """``fingerprint.chain_keys(encoded.ids, block_size, salt=salt)``, hashing only the
+    blocks past the keys cached beside the probe's prefix (a follow-up turn: its new
+    blocks); then the keys of the result's cached prefix are kept beside it."""
+    memo = (block_size, salt or "")
+    known = probe.block_keys.get(memo) if probe.hit else None
+    if known:
+        rest = fingerprint.prefix_hashes(
+            encoded.ids, block_size, parent=fingerprint.key_int(known[-1]), start=len(known) * block_size
+        )
+        keys = known + [fingerprint.key_bytes(h) for h in rest]
+    else:
+        keys = fingerprint.chain_keys(encoded.ids, block_size, salt=salt)
+    cached = encoded.cached // block_size
+    if cached and memo not in encoded.block_keys:
+        if len(encoded.block_keys) >= BLOCK_KEY_VARIANTS:
+            encoded.block_keys.clear()
+        encoded.block_keys[memo] = keys[:cached]
+    return keys
 
 
 def text_seed(text: bytes) -> bytes:

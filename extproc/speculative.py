@@ -6,8 +6,8 @@ Owner: ``inference_cache.extproc`` (the picker); pure, clock injected. After llm
 of one new prefix would spread over the replicas (each request sees no match yet), and
 each replica would prefill the same prefix. Place in the flow::
 
-    decision --record(scope, chosen, keys, tokens_per_block)--> live entries (now + ttl_s)
-    next request --match(scope, keys)--> leading blocks per replica
+    decision --record(scope, chosen, keys, tokens_per_block, start=index match)--> live entries
+    next request --match(scope, keys, after=index match per replica)--> leading blocks per replica
         --> the picker takes per replica max(index match, this match)
 
 Entries are ``(scope_key, block key, replica)`` triples, at most ``max_entries``; the
@@ -15,13 +15,19 @@ oldest recordings go first when full. A refresh (the same triple recorded again)
 its life. Expired entries never match and are dropped lazily by ``record`` and by
 ``sweep()``. Bookkeeping is per ``record`` call, not per block: one queue item per
 recording (expiry times only grow: the TTL is fixed), and an entry is dropped with its
-recording only if no later recording refreshed it. So a decision over an 8k-token prompt
-costs one dict assignment per block (``docs/benchmarks.md``).
+recording only if no later recording refreshed it. So a decision costs one dict
+assignment per recorded block (``docs/benchmarks.md``).
 
 ``keys`` are a prefix chain (``index.fingerprint.chain_keys``: a key stands for its whole
-prefix). A replica's live keys are then always a union of prefixes (a prefix is recorded
-whole; its tail is older in the order than its head), so its leading run is found by
-binary search: O(replicas x log(blocks)) per match.
+prefix). The picker records only the blocks past the KV index's own match for the chosen
+replica (``start``: the index already holds the rest, so a follow-up turn over an 8k-token
+prompt records its few new blocks, not all 500) and matches with ``after``: the blocks the
+index matched per replica. A replica's run then starts at ``after[replica]`` (0 when the
+index has none) and continues block by block over live entries; the count returned is the
+whole run, index blocks included, so the picker's ``max(index, speculative)`` is right.
+The walk is linear in the blocks past the index's match (recorded suffixes need not form
+prefixes, so a binary search would be unsound): a few blocks on a follow-up, the whole
+prompt only in a burst of a prefix no engine has confirmed yet.
 
 ``scope_key`` is any hashable (the picker passes the index's ``types.Scope``); each call
 hashes it once. Not thread-safe: the picker runs on one event loop.
@@ -29,9 +35,8 @@ hashes it once. Not thread-safe: the picker runs on one event loop.
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 Clock = Callable[[], float]
 #: Expired recordings ``record`` drops per call (the rest wait for ``sweep``).
@@ -60,9 +65,21 @@ class SpeculativeIndex:
         return self._entries
 
     def record(
-        self, scope_key: Hashable, replica_id: str, keys: Sequence[bytes], tokens_per_block: int
+        self,
+        scope_key: Hashable,
+        replica_id: str,
+        keys: Sequence[bytes],
+        tokens_per_block: int,
+        *,
+        start: int = 0,
     ) -> None:
-        """``replica_id`` was chosen for a prompt with ``keys`` (``tokens_per_block`` each)."""
+        """``replica_id`` was chosen for a prompt with ``keys`` (``tokens_per_block`` each);
+        ``keys[:start]`` are known cached there already (the KV index matched them), so only
+        ``keys[start:]`` are recorded."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if start:
+            keys = keys[start:]
         if not keys:
             return
         now = self._clock()
@@ -87,13 +104,20 @@ class SpeculativeIndex:
         while self._entries > self.max_entries and self._recordings:
             self._drop_oldest()
 
-    def match(self, scope_key: Hashable, keys: Sequence[bytes]) -> dict[str, int]:
-        """Leading matched blocks per replica among live entries (only those with >= 1)."""
-        return {rid: blocks for rid, (blocks, _tokens) in self._walk(scope_key, keys).items()}
+    def match(
+        self, scope_key: Hashable, keys: Sequence[bytes], after: Mapping[str, int] | None = None
+    ) -> dict[str, int]:
+        """Leading matched blocks per replica (only those with a live entry in the run).
 
-    def match_tokens(self, scope_key: Hashable, keys: Sequence[bytes]) -> dict[str, int]:
+        ``after``: blocks already matched per replica elsewhere (the KV index); a replica's
+        run is then looked up from there and counts them. Without it runs start at block 0."""
+        return {rid: blocks for rid, (blocks, _tokens) in self._walk(scope_key, keys, after).items()}
+
+    def match_tokens(
+        self, scope_key: Hashable, keys: Sequence[bytes], after: Mapping[str, int] | None = None
+    ) -> dict[str, int]:
         """Like :meth:`match`, in tokens: matched blocks x the ``tokens_per_block`` recorded."""
-        return {rid: tokens for rid, (_blocks, tokens) in self._walk(scope_key, keys).items()}
+        return {rid: tokens for rid, (_blocks, tokens) in self._walk(scope_key, keys, after).items()}
 
     def forget(self, replica_id: str) -> None:
         """Drop every entry of ``replica_id`` (its engine restarted or resynced: what we
@@ -115,23 +139,32 @@ class SpeculativeIndex:
         self._expire(self._clock())
         return before - self._entries
 
-    def _walk(self, scope_key: Hashable, keys: Sequence[bytes]) -> dict[str, tuple[int, int]]:
+    def _walk(
+        self, scope_key: Hashable, keys: Sequence[bytes], after: Mapping[str, int] | None
+    ) -> dict[str, tuple[int, int]]:
         holders = self._scopes.get(scope_key)
-        first = holders.get(keys[0]) if holders and keys else None
-        if holders is None or first is None:
+        if not holders or not keys:
             return {}
+        starts = {rid: n for rid, n in after.items() if n > 0} if after else {}
+        first = holders.get(keys[0])
+        if first is not None:
+            for rid in first:
+                starts.setdefault(rid, 0)
         now = self._clock()
         out: dict[str, tuple[int, int]] = {}
-        for rid, (expires, per_block) in first.items():
-            if expires <= now:
-                continue
-
-            def missing(i: int, rid: str = rid) -> bool:
-                entry = holders.get(keys[i], {}).get(rid)
-                return entry is None or entry[0] <= now
-
-            blocks = bisect.bisect_left(range(len(keys)), True, key=missing)
-            out[rid] = (blocks, blocks * per_block)
+        for rid, start in starts.items():
+            if start >= len(keys):
+                continue  # the index matched it all
+            i, per_block = start, 0
+            for key in keys[start:] if start else keys:
+                held = holders.get(key)
+                entry = held.get(rid) if held is not None else None
+                if entry is None or entry[0] <= now:
+                    break
+                per_block = entry[1]
+                i += 1
+            if i > start:
+                out[rid] = (i, i * per_block)
         return out
 
     def _expire(self, now: float, budget: int | None = None) -> None:

@@ -45,7 +45,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -564,6 +564,17 @@ class CacheStats:
     """Characters actually tokenized."""
 
 
+#: Per cached prefix: the caller's block keys of its ids (``extproc.picker``: by block size
+#: and salt, the keys of the prefix's full blocks), filled by the caller, dropped with it.
+BlockKeys = dict[Hashable, list[bytes]]
+
+
+@dataclass(slots=True)
+class _Entry:
+    ids: array.array[int]
+    block_keys: BlockKeys = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     """What :meth:`CachedChatEncoder.lookup` found: ``text[:start]`` is ``prefix``."""
@@ -572,6 +583,19 @@ class Probe:
     prefix: array.array[int]
     keys: list[tuple[int, bytes]]
     hit: bool
+    #: The block keys cached beside ``prefix`` (a miss: an empty dict of no entry).
+    block_keys: BlockKeys = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """What :meth:`CachedChatEncoder.finish_entry` made: the ids, and the entry that now
+    caches their first ``cached`` ids (the new prefix, else the probe's; none: 0)."""
+
+    ids: list[int]
+    cached: int
+    #: That entry's block keys, for the caller to fill (no entry: a dict of no entry).
+    block_keys: BlockKeys
 
 
 @dataclass
@@ -584,16 +608,19 @@ class CachedChatEncoder:
     the new messages) reuses the previous ids and tokenizes only the new suffix. LRU
     bounded by ``max_entries`` and ``max_tokens`` (the sum of cached ids). Thread-safe:
     the cache is touched under a lock, tokenizing runs outside it. With no usable added
-    token (or ``add_special_tokens=True``) every call tokenizes the whole text."""
+    token (or ``add_special_tokens=True``) every call tokenizes the whole text.
+
+    Each entry also carries ``block_keys`` (see :class:`Probe` / :class:`Encoded`): the
+    picker keeps the block keys of the cached ids there, so a follow-up turn hashes only
+    its new blocks. They live and die with the entry (a few keys per 16 ids, not counted
+    in ``max_tokens``); the picker bounds the variants (salts) per entry."""
 
     tokenizer: PromptTokenizer
     max_entries: int = 4096
     max_tokens: int = 16_000_000
     stats: CacheStats = field(default_factory=CacheStats)
     _finder: _SplitFinder | None = field(init=False, repr=False)
-    _entries: OrderedDict[bytes, array.array[int]] = field(
-        init=False, repr=False, default_factory=OrderedDict
-    )
+    _entries: OrderedDict[bytes, _Entry] = field(init=False, repr=False, default_factory=OrderedDict)
     _tokens: int = field(init=False, repr=False, default=0)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
@@ -629,13 +656,18 @@ class CachedChatEncoder:
         keys = self._prefix_keys(text)
         with self._lock:
             for cut, key in reversed(keys):
-                if (ids := self._entries.get(key)) is not None:
+                if (entry := self._entries.get(key)) is not None:
                     self._entries.move_to_end(key)
-                    return Probe(cut, ids, keys, hit=True)
+                    return Probe(cut, entry.ids, keys, hit=True, block_keys=entry.block_keys)
         return Probe(0, array.array("I"), keys, hit=False)
 
     def finish(self, text: str, probe: Probe) -> list[int]:
         """Tokenize what ``probe`` left (without special tokens) and cache the new prefix."""
+        return self.finish_entry(text, probe).ids
+
+    def finish_entry(self, text: str, probe: Probe) -> Encoded:
+        """:meth:`finish`, also naming the cache entry of the result's prefix, so the
+        caller can keep what it derives from those ids (block keys) beside them."""
         start, prefix, keys = probe.start, probe.prefix, probe.keys
         last_cut, last_key = keys[-1] if keys else (0, b"")
         encode = self.tokenizer.encode
@@ -643,10 +675,12 @@ class CachedChatEncoder:
             middle = encode(text[start:last_cut], add_special_tokens=False)
             tail = encode(text[last_cut:], add_special_tokens=False)
             stored = prefix + array.array("I", middle)
-            self._store(last_key, stored)
+            entry = self._store(last_key, stored)
             result = stored.tolist() + tail
+            encoded = Encoded(result, len(stored), entry.block_keys) if entry else Encoded(result, 0, {})
         else:
             result = prefix.tolist() + encode(text[start:], add_special_tokens=False)
+            encoded = Encoded(result, len(prefix), probe.block_keys) if probe.hit else Encoded(result, 0, {})
         with self._lock:
             if probe.hit:
                 self.stats.hits += 1
@@ -654,7 +688,7 @@ class CachedChatEncoder:
             else:
                 self.stats.misses += 1
             self.stats.encoded_chars += len(text) - start
-        return result
+        return encoded
 
     def _prefix_keys(self, text: str) -> list[tuple[int, bytes]]:
         """(cut, hash of ``text[:cut]``) for every exact cut, from one pass over the text."""
@@ -668,18 +702,22 @@ class CachedChatEncoder:
             previous = cut
         return keys
 
-    def _store(self, key: bytes, ids: array.array[int]) -> None:
+    def _store(self, key: bytes, ids: array.array[int]) -> _Entry | None:
+        """Cache ``ids`` under ``key``; the entry (an equal one cached already is kept, with
+        its block keys: the same text has the same ids), ``None`` when too large."""
         if len(ids) > self.max_tokens:
-            return
+            return None
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._tokens -= len(old)
-            self._entries[key] = ids
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+            entry = self._entries[key] = _Entry(ids)
             self._tokens += len(ids)
             while len(self._entries) > self.max_entries or self._tokens > self.max_tokens:
                 _, evicted = self._entries.popitem(last=False)
-                self._tokens -= len(evicted)
+                self._tokens -= len(evicted.ids)
+            return entry
 
     def clear(self) -> None:
         with self._lock:

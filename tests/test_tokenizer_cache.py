@@ -5,13 +5,14 @@ token overlaps)."""
 
 from __future__ import annotations
 
+import array
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-from inference_cache.tokenizer import CachedChatEncoder, PromptTokenizer
+from inference_cache.tokenizer import CachedChatEncoder, Probe, PromptTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny-tokenizer"
@@ -103,6 +104,43 @@ def test_lru_bounds() -> None:
     assert small.cached_tokens <= 20
     small.clear()
     assert len(small) == 0 and small.cached_tokens == 0
+
+
+def test_block_keys_live_beside_the_cached_prefix() -> None:
+    """``finish_entry`` names the entry caching the result's prefix; what the caller keeps
+    in its ``block_keys`` comes back with the next probe of that prefix, and goes with it."""
+    tok = _tokenizer("tiny")
+    cached = CachedChatEncoder(tok, max_entries=1)
+    chat = [{"role": "user", "content": "first question " * 20}]
+    text = tok.render_chat(chat)
+    miss = cached.lookup(text)
+    assert not miss.hit and miss.block_keys == {}
+    first = cached.finish_entry(text, miss)
+    assert first.ids == tok.encode(text, add_special_tokens=False)
+    assert 0 < first.cached < len(first.ids)  # up to the generation prompt's <|im_start|>
+    first.block_keys["k"] = [b"x"]
+    follow = tok.render_chat([*chat, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}])
+    probe = cached.lookup(follow)
+    assert probe.hit and len(probe.prefix) == first.cached and probe.block_keys == {"k": [b"x"]}
+    again = cached.finish_entry(follow, probe)
+    assert again.ids == tok.encode(follow, add_special_tokens=False)
+    assert again.ids[: first.cached] == first.ids[: first.cached]
+    assert again.cached > first.cached and again.block_keys == {}  # a new, longer prefix
+    assert cached.lookup(text).hit is False  # max_entries=1: the first prefix went ...
+    assert cached.lookup(follow).block_keys is again.block_keys  # ... the new one is here
+    # the same prefix stored twice keeps its entry (and block keys): same text, same ids
+    again.block_keys["k"] = [b"y"]
+    assert cached.finish_entry(follow, cached.lookup(follow)).block_keys == {"k": [b"y"]}
+    assert cached.finish_entry(follow, miss_of(cached, follow)).block_keys == {"k": [b"y"]}
+    # nothing cached (the prompt has no cut): no entry to keep keys in
+    plain = cached.finish_entry("no added tokens", cached.lookup("no added tokens"))
+    assert (plain.cached, plain.block_keys) == (0, {})
+
+
+def miss_of(cached: CachedChatEncoder, text: str) -> Probe:
+    """A probe that found nothing (as a concurrent first request would have)."""
+    probe = cached.lookup(text)
+    return Probe(0, array.array("I"), probe.keys, hit=False)
 
 
 def _with_added(tmp_path: Path, **flags: bool) -> PromptTokenizer:

@@ -277,15 +277,15 @@ async def test_matching_over_its_deadline_routes_on_load_only(monkeypatch: pytes
     cache_on(index, B, chat_ids(long))
     encoder = p.routes[MODEL].tokenizer
     assert encoder is not None
-    real = encoder.finish
+    real = encoder.finish_entry
     done = threading.Event()
 
-    def slow(text: str, probe: Any) -> list[int]:
+    def slow(text: str, probe: Any) -> Any:
         time.sleep(0.3)
         done.set()
         return real(text, probe)
 
-    monkeypatch.setattr(encoder, "finish", slow)
+    monkeypatch.setattr(encoder, "finish_entry", slow)
     d = await pick(p, request(chat_body(long), headers={picker.TENANT_HEADER: "slow"}))
     assert d.debug is not None and json.loads(d.debug)["match"] == "timeout"
     assert d.predicted_cached_tokens is None
@@ -305,6 +305,71 @@ async def test_a_short_follow_up_is_tokenized_inline(monkeypatch: pytest.MonkeyP
     d = await pick(p, request({"model": MODEL, "messages": follow}))
     assert calls == []  # the prefix cache left a few characters: no worker-thread hop
     assert d.endpoints == (B,)
+
+
+@pytest.mark.parametrize("salt", [None, "tenant-secret"])
+def test_follow_up_block_keys_equal_the_full_chain_and_hash_only_new_blocks(
+    monkeypatch: pytest.MonkeyPatch, salt: str | None
+) -> None:
+    encoder = tokenizer.CachedChatEncoder(tokenizer.PromptTokenizer.load(TINY))
+    hashed: list[int] = []
+    real = fingerprint.prefix_hashes
+
+    def counting(tokens: Any, block_size: int, **kw: Any) -> list[int]:
+        out = real(tokens, block_size, **kw)
+        hashed.append(len(out))
+        return out
+
+    monkeypatch.setattr(fingerprint, "prefix_hashes", counting)
+    chat: list[dict[str, str]] = [{"role": "system", "content": LONG}]
+    for turn in range(5):
+        chat.append({"role": "user", "content": f"question {turn} " + "words " * (turn * 7)})
+        text = encoder.tokenizer.render_chat(chat)
+        probe = encoder.lookup(text)
+        encoded = encoder.finish_entry(text, probe)
+        hashed.clear()
+        keys = picker.block_keys(probe, encoded, BS, salt)
+        assert keys == real_chain(encoded.ids, salt)  # byte-identical to a full chain
+        known = len(probe.prefix) // BS if turn else 0
+        assert turn == 0 or probe.block_keys  # the previous turn left its keys
+        assert hashed == [len(keys) - known]  # only the blocks past the cached prefix
+        chat.append({"role": "assistant", "content": f"answer {turn}"})
+    other = "other" if salt else None  # another salt over the same prefix: its own chain
+    text = encoder.tokenizer.render_chat(chat)
+    probe = encoder.lookup(text)
+    encoded = encoder.finish_entry(text, probe)
+    assert picker.block_keys(probe, encoded, BS, other) == real_chain(encoded.ids, other)
+
+
+def real_chain(ids: list[int], salt: str | None) -> list[bytes]:
+    keys: list[bytes] = []
+    parent = fingerprint.salt_root(salt) if salt else None
+    for b in range(len(ids) // BS):
+        c = fingerprint.content_hash(ids[b * BS : (b + 1) * BS])
+        parent = c if parent is None else fingerprint.chain_hash(parent, c)
+        keys.append(fingerprint.key_bytes(parent))
+    return keys
+
+
+async def test_speculative_entries_start_past_the_index_match() -> None:
+    """A decision records only the blocks the index does not hold on the chosen replica;
+    the next request still sees the whole run (index + speculative) there."""
+    longer = LONG + "and then a much longer question about the fox " * 4
+    long_keys = fingerprint.chain_keys(chat_ids(longer), BS)
+    p, index = make_picker(debug_header=True)
+    held = cache_on(index, B, chat_ids(LONG)) // BS
+    assert 0 < held < len(long_keys)
+    first = await pick(p, request(chat_body(longer)))
+    assert first.endpoints == (B,)
+    assert p.speculative.size == len(long_keys) - held
+    second = await pick(p, request(chat_body(longer)))
+    # the same as a picker whose speculative entries hold the whole prompt
+    cold, _ = make_picker(debug_header=True)
+    await pick(cold, request(chat_body(longer)))
+    assert cold.speculative.size == len(long_keys)
+    reference = await pick(cold, request(chat_body(longer)))
+    assert second.endpoints == (B,) and second.predicted_cached_tokens == reference.predicted_cached_tokens
+    assert second.predicted_cached_tokens is not None and second.predicted_cached_tokens > held * BS
 
 
 async def test_the_tenant_header_is_ignored_unless_trusted(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,28 +102,52 @@ def test_rejects_nonsense_settings(clock: Clock, kwargs: dict[str, float]) -> No
         SpeculativeIndex(clock=clock, **kwargs)  # type: ignore[arg-type]
 
 
-def test_binary_search_agrees_with_a_linear_walk(clock: Clock) -> None:
-    """Random prefix records, refreshes, expiry and a small cap: every match equals the
-    leading run a block-by-block walk over the live entries finds."""
+def test_record_from_start_continues_the_index_run(spec: SpeculativeIndex) -> None:
+    """The picker records only the blocks past the index's match and matches from there."""
+    spec.record(S, "a", KEYS, 16, start=2)  # the index holds KEYS[:2] on a
+    assert spec.size == 2
+    assert spec.match(S, KEYS) == {}  # no entry for the first block: nothing from 0
+    assert spec.match(S, KEYS, after={"a": 2}) == {"a": 4}  # counts the index's two
+    assert spec.match_tokens(S, KEYS, after={"a": 2}) == {"a": 64}
+    assert spec.match(S, KEYS, after={"a": 1}) == {}  # KEYS[1] is not speculative: no run
+    assert spec.match(S, KEYS, after={"b": 2}) == {}  # other replicas recorded nothing
+    assert spec.match(S, KEYS[:2], after={"a": 2}) == {}  # the index already has it all
+    spec.record(S, "b", KEYS, 16)  # b recorded whole: found from block 0 ...
+    assert spec.match(S, KEYS, after={"a": 2}) == {"a": 4, "b": 4}
+    assert spec.match(S, KEYS, after={"a": 2, "b": 3}) == {"a": 4, "b": 4}  # ... or from 3
+    spec.record(S, "c", KEYS, 16, start=4)  # nothing past the index: nothing recorded
+    assert spec.size == 6
+    with pytest.raises(ValueError, match="start"):
+        spec.record(S, "a", KEYS, 16, start=-1)
+
+
+def test_match_agrees_with_a_linear_walk(clock: Clock) -> None:
+    """Random records (whole or past a random index match), refreshes, expiry and a small
+    cap: every match equals the run a block-by-block walk over the live entries finds from
+    the index's match of each replica."""
     rng = random.Random(7)
     spec = SpeculativeIndex(ttl_s=2.0, clock=clock, max_entries=40)
     trunks = [[rng.randrange(50) for _ in range(16 * 12)] for _ in range(3)]
     prompts = [t[: 16 * n] + [rng.randrange(50) for _ in range(32)] for t in trunks for n in (3, 8, 12)]
     chains = [fingerprint.chain_keys(p, 16) for p in prompts]
 
-    def walk(rid: str, keys: list[bytes]) -> int:
-        n = 0
-        for key in keys:
+    def walk(rid: str, keys: list[bytes], start: int) -> int:
+        n = start
+        for key in keys[start:]:
             entry = spec._scopes.get(S, {}).get(key, {}).get(rid)
             if entry is None or entry[0] <= clock.now:
                 break
             n += 1
-        return n
+        return n if n > start else 0
 
-    for _ in range(400):
+    for _ in range(600):
         clock.now += rng.random() * 0.3
         chain = rng.choice(chains)
-        spec.record(S, rng.choice("abc"), chain[: rng.randrange(1, len(chain) + 1)], 16)
+        n = rng.randrange(1, len(chain) + 1)
+        spec.record(S, rng.choice("abc"), chain[:n], 16, start=rng.choice((0, 0, rng.randrange(n))))
         query = rng.choice(chains)
-        expected = {rid: n for rid in "abc" if (n := walk(rid, query))}
-        assert spec.match(S, query) == expected
+        after = {rid: rng.randrange(len(query) + 1) for rid in "abc" if rng.random() < 0.5}
+        expected = {rid: n for rid in "abc" if (n := walk(rid, query, after.get(rid, 0)))}
+        assert spec.match(S, query, after) == expected
+        if not after:
+            assert spec.match(S, query) == expected
