@@ -1,6 +1,7 @@
 """operator/leader.py against kmock: acquiring an absent lease (create), waiting while
 another holder's lease is fresh, taking over an expired one, renewing, losing on a 409 or
-after the renew deadline, releasing on a clean stop. The clock is injected and ``sleep``
+after the renew deadline, releasing on a clean stop; and ``main.operate``'s wiring (kopf
+starts only once the lease is held, and is stopped when it is lost). The clock is injected and ``sleep``
 advances it: nothing waits for real time."""
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import kmock
 import pytest
 from kubernetes import client as k8s
 
-from inference_cache.operator import kube, leader
+from inference_cache import cli
+from inference_cache.operator import kube, leader, main
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 NS = "ic-system"
@@ -24,7 +26,7 @@ LEASE_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{leader.LEASE
 
 class FakeTime:
     """The injected clock; ``sleep`` advances it instead of waiting (and fails the test
-    after an hour of fake time, so a loop that never ends cannot hang it)."""
+    after two minutes of fake time, so a loop that never ends cannot hang it)."""
 
     def __init__(self) -> None:
         self.now = T0
@@ -39,8 +41,8 @@ class FakeTime:
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.advance(seconds)
-        if self.now - T0 > dt.timedelta(hours=1):
-            raise AssertionError("slept for an hour of fake time")
+        if self.now - T0 > dt.timedelta(minutes=2):
+            raise AssertionError("slept for two minutes of fake time")
 
 
 def status(code: int, message: str) -> dict[str, Any]:
@@ -239,3 +241,52 @@ async def test_without_an_elector_leading_does_nothing(kmock: kmock.KubernetesEm
     async with leader.leading(None, asyncio.Event()):
         pass
     assert len(kmock["get"]) == 0
+
+
+class FakeKopf:
+    """Stands in for ``kopf.operator``: records the call, runs until its stop flag."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, *, stop_flag: asyncio.Event, **_: Any) -> None:
+        self.calls += 1
+        await stop_flag.wait()
+
+
+def operator_config() -> main.OperatorConfig:
+    argv = ["operator", "--leader-elect", "--health-probe-bind-address=0", "--webhook-bind-address=0"]
+    return main.config_from_args(cli.build_parser(argv).parse_args(argv))
+
+
+async def test_operate_starts_no_kopf_on_a_standby(
+    kmock: kmock.KubernetesEmulator,
+    elector: leader.LeaderElector,
+    api: k8s.ApiClient,
+    time: FakeTime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKopf()
+    monkeypatch.setattr(main.kopf, "operator", fake)
+    # b keeps renewing: every read sees a new renewTime, so the lease never expires.
+    kmock["get", LEASES] << (lambda req: lease_of("operator-b", time.now))
+    config = operator_config()
+    with pytest.raises(AssertionError, match="two minutes of fake time"):
+        await main.operate(config, main.kopf.OperatorRegistry(), kube.Kube(api), elector=elector)
+    assert fake.calls == 0
+
+
+async def test_operate_runs_kopf_while_leading_and_stops_it_when_the_lease_is_lost(
+    kmock: kmock.KubernetesEmulator,
+    elector: leader.LeaderElector,
+    api: k8s.ApiClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKopf()
+    monkeypatch.setattr(main.kopf, "operator", fake)
+    kmock["patch", LEASES] << 409 << status(409, "the object has been modified")
+    config = operator_config()
+    with pytest.raises(leader.LeaseLost):
+        await main.operate(config, main.kopf.OperatorRegistry(), kube.Kube(api), elector=elector)
+    assert fake.calls == 1
+    assert len(kmock["post"]) == 1  # created the lease, then lost its first renewal
