@@ -11,6 +11,9 @@ Owner: ``inference_cache.extproc``. ``inference_cache.cli`` maps ``serve`` here
     aiohttp control   --snapshot-bind-address  /snapshot /policy /templates (ServiceAccount auth)
     index sweep ticker                          Index.sweep() every sweep_interval_s
     one EndpointWorker per endpoints[] entry    probe + KV events + stats scrape
+    endpoint discovery (``discovery.enabled``)   CacheBackends + pods every interval_s ->
+                                                 workers started/stopped, picker routes
+                                                 (extproc/discovery.py)
     template warm-up (``warmup.enabled``)       the config's templates at start, then
                                                 every PUT /templates (extproc/warmup.py)
 
@@ -55,15 +58,28 @@ import prometheus_client
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from kubernetes import client as k8s
 
 from inference_cache import __version__ as _version
 from inference_cache import config as config_mod
 from inference_cache import enginestats
 from inference_cache import tokenizer as tokenizer_mod
-from inference_cache.extproc import auth, endpoints, grpc_api, http, picker, protocol, templates, tls, warmup
+from inference_cache.extproc import (
+    auth,
+    discovery,
+    endpoints,
+    grpc_api,
+    http,
+    picker,
+    protocol,
+    templates,
+    tls,
+    warmup,
+)
 from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
 from inference_cache.index import bytekeys, snapshot, store, types
 from inference_cache.index import policy as policy_mod
+from inference_cache.operator import kube
 from inference_cache.proto import pb, pb_grpc
 
 log = logging.getLogger("inference_cache.serve")
@@ -430,15 +446,25 @@ class Server:
         stream_queue_size: int = 1024,
         tokenizers: dict[str, tokenizer_mod.PromptTokenizer] | None = None,
         freeze_gc: bool = False,
+        discovery_kube: kube.Kube | None = None,
     ) -> None:
         """``freeze_gc``: :func:`freeze_long_lived` at startup and every sweep tick (the
-        ``serve`` command sets it; in-process embedders and tests keep their GC as is)."""
+        ``serve`` command sets it; in-process embedders and tests keep their GC as is).
+        ``discovery_kube``: the API client of endpoint discovery (needed when
+        ``discovery.enabled``; ``serve`` builds it from the pod's ServiceAccount)."""
         self._freeze_gc = freeze_gc
         self.config = config
         s = config.server
         self.policies = policy_mod.PolicyStore()
         self.index = store.Index(index_settings, policies=self.policies, clock=clock)
         self.workers: list[endpoints.EndpointWorker] = []
+        #: address -> the running worker's task (config file and discovered endpoints).
+        self._worker_tasks: dict[str, asyncio.Task[None]] = {}
+        #: Cancelled worker tasks not yet finished (awaited by ``stop``).
+        self._stopping: set[asyncio.Task[None]] = set()
+        if config.discovery.enabled and discovery_kube is None:
+            raise RuntimeError("endpoint discovery needs a Kube client")
+        self._discovery_kube = discovery_kube
         self._ready: dict[str, bool] = {}
         #: PromptTemplates: the config's ``templates:`` until ``PUT /templates`` replaces them.
         initial_templates = load_templates(config)
@@ -656,22 +682,16 @@ class Server:
         snapshot_addr = await self._http_site(controller, s.snapshot_bind_address)
         self._session = aiohttp.ClientSession()
         for e in self.config.endpoints:
-            model = self.config.model(e.model)
-            assert model is not None  # validated: every endpoint names a configured model
-            worker = endpoints.EndpointWorker(
-                e,
-                model,
-                self.index,
-                self._session,
-                health_interval_s=self.config.health_interval_s,
-                stats_interval_s=self.config.stats_interval_s,
-                on_ready_change=self._on_ready_change,
-                on_stats=self._on_engine_stats,
-                byte_index=self.byte_indexes.get(e.model),
+            self._start_worker(e)
+        if self.config.discovery.enabled:
+            self._tasks.append(
+                asyncio.create_task(
+                    discovery.poll(
+                        self._discover, self.set_endpoints, interval_s=self.config.discovery.interval_s
+                    ),
+                    name="endpoint-discovery",
+                )
             )
-            self.metrics.endpoint_ready.labels(worker.replica_id).set(1)
-            self.workers.append(worker)
-            self._tasks.append(asyncio.create_task(worker.run(), name=f"endpoint:{e.address}"))
         self._tasks.append(asyncio.create_task(self._sweep_ticker(), name="index-sweep"))
         self._tasks.append(asyncio.create_task(self._picker_ticker(), name="picker-sweep"))
         if self.warmer is not None:
@@ -687,6 +707,65 @@ class Server:
         )
         self.metrics.up.set(1)
         return self.addresses
+
+    # -- endpoints ------------------------------------------------------------------------------
+    def _start_worker(self, e: config_mod.EndpointConfig) -> None:
+        model = self.config.model(e.model)
+        assert model is not None  # validated: every endpoint names a configured model
+        assert self._session is not None  # started
+        worker = endpoints.EndpointWorker(
+            e,
+            model,
+            self.index,
+            self._session,
+            health_interval_s=self.config.health_interval_s,
+            stats_interval_s=self.config.stats_interval_s,
+            on_ready_change=self._on_ready_change,
+            on_stats=self._on_engine_stats,
+            byte_index=self.byte_indexes.get(e.model),
+        )
+        self.metrics.endpoint_ready.labels(worker.replica_id).set(1)
+        self.workers.append(worker)
+        self._worker_tasks[e.address] = asyncio.create_task(worker.run(), name=f"endpoint:{e.address}")
+
+    def _stop_worker(self, address: str) -> None:
+        """Cancel the worker (its subscriber closes its sockets), forget its readiness and
+        drop what the index holds for it."""
+        task = self._worker_tasks.pop(address)
+        task.cancel()
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        worker = next(w for w in self.workers if w.replica_id == address)
+        self.workers.remove(worker)
+        self._ready.pop(address, None)
+        self.metrics.endpoint_ready.remove(address)
+        self.index.replica_cleared(address, model=worker.endpoint.model, tenant=worker.endpoint.tenant)
+
+    def _discover(self) -> list[config_mod.EndpointConfig]:
+        assert self._discovery_kube is not None
+        return discovery.discover(self._discovery_kube, self.config, self.config.discovery.namespace)
+
+    def set_endpoints(self, discovered: Sequence[config_mod.EndpointConfig]) -> None:
+        """Run the config file's endpoints plus ``discovered``: start and stop workers, and
+        give the picker each model's new endpoint list (discovery calls it every poll)."""
+        wanted = discovery.desired(self.config.endpoints, discovered)
+        change = discovery.plan({w.replica_id: w.endpoint for w in self.workers}, wanted)
+        if change.empty:
+            return
+        for address in change.stop:
+            self._stop_worker(address)
+        for e in change.start:
+            self._start_worker(e)
+        for m in self.config.models:
+            self.picker.set_endpoints(m.name, [e for e in wanted if e.model == m.name])
+        log.info(
+            "endpoints_changed",
+            extra={"started": [e.address for e in change.start], "stopped": list(change.stop)},
+        )
+
+    async def discover_once(self) -> None:
+        """One discovery poll now (what the ``discovery.interval_s`` ticker runs)."""
+        await discovery.refresh(self._discover, self.set_endpoints)
 
     async def _picker_ticker(self) -> None:
         """Expired speculative entries go off the request path, once a second."""
@@ -713,14 +792,16 @@ class Server:
             await runner.cleanup()
         if self.warmer is not None:
             await self.warmer.stop()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._worker_tasks.values(), *self._stopping]
+        for task in tasks:
             task.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self.index.stop()
         self._grpc = self._producer = self._extproc = self._session = None
         self._runners, self._tasks, self._health = [], [], []
+        self._worker_tasks, self._stopping = {}, set()
         for r in results:
             if isinstance(r, Exception):
                 log.warning("task_failed_on_shutdown", extra={"error": repr(r)})
@@ -778,8 +859,20 @@ def run(args: argparse.Namespace) -> int:
         except auth.InClusterConfigError as exc:
             log.error("kube_client_failed", extra={"error": str(exc)})
             return 1
+    kube_api: k8s.ApiClient | None = None
+    if cfg.discovery.enabled:
+        try:
+            kube_api = discovery.api_client(auth.in_cluster_config())
+        except auth.InClusterConfigError as exc:
+            log.error("kube_client_failed", extra={"error": str(exc)})
+            return 1
     try:
-        server = Server(cfg, reviewer=reviewer, freeze_gc=True)
+        server = Server(
+            cfg,
+            reviewer=reviewer,
+            freeze_gc=True,
+            discovery_kube=kube.Kube(kube_api) if kube_api is not None else None,
+        )
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -805,6 +898,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if reviewer is not None:
                 await reviewer.close()
+            if kube_api is not None:
+                kube_api.close()  # type: ignore[no-untyped-call]  # untyped in kubernetes
 
     try:
         return asyncio.run(main())

@@ -37,6 +37,10 @@ File layout (every key optional except where noted)::
       replicas: 1               # replicas per model, the picker's top choices
       max_concurrency: 4        # warm-up requests in flight at once
       timeout_s: 30.0           # per warm-up request
+    discovery:                  # endpoints[] from CacheBackends + pods (extproc/discovery.py)
+      enabled: false            # in-cluster only: polls the API with the pod's ServiceAccount
+      interval_s: 10.0          # seconds between polls
+      namespace: ""             # "" = all namespaces
 
 Precedence for ``server`` settings: flag > environment (``INFERENCE_CACHE_<KEY>`` upper case)
 > file > default. Decoding is strict: an unknown key or a wrongly typed value is an error that
@@ -204,6 +208,22 @@ class WarmupSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    """Endpoint discovery (``extproc.discovery``): ``endpoints[]`` of the CacheBackends'
+    Ready engine pods, polled from the Kubernetes API, beside the config file's own."""
+
+    enabled: bool = False
+    #: Seconds between polls of CacheBackends and pods.
+    interval_s: float = 10.0
+    #: Namespace to watch ("" = all namespaces).
+    namespace: str = ""
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"discovery.interval_s: must be > 0 seconds, got {self.interval_s}")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: tuple[ModelConfig, ...] = ()
@@ -220,6 +240,8 @@ class Config:
     templates: tuple[TemplateConfig, ...] = ()
     #: Pre-filling the templates' stable prefixes (off by default).
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    #: Endpoints discovered from the cluster (off by default).
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
