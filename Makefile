@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers bench-index bench-extproc bench-recovery compose-test clean
+.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers bench-index bench-extproc bench-recovery compose-test e2e-kind clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -166,6 +166,10 @@ bench-recovery: venv tokenizer envoy
 
 bench-extproc: venv tokenizer envoy
 	$(VENV)/bin/inference-cache bench extproc --json bench-extproc.json
+
+# End to end on a kind cluster (needs Docker, kind and kubectl; cannot run here or in CI).
+e2e-kind:
+	hack/e2e-kind.sh
 
 # Needs a Docker daemon: builds the image and runs examples/envoy/docker-compose.yml. Not part
 # of `make test` (tests/compose runs the same topology on loopback without Docker).

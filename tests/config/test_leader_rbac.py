@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from inference_cache.operator import leader
 
 from . import manifests
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the Role grants update, not patch: config/rbac/leader_election_role.yaml"
-)
 def test_the_leader_role_allows_what_the_elector_does(install: list[dict[str, Any]]) -> None:
     role = manifests.find(install, "Role", "inference-cache-operator-leader-election")
     granted = {

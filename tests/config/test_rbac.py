@@ -55,7 +55,7 @@ EXPECTED: set[Grant] = (
     )
     | grants(LEADER, "coordination.k8s.io", ("leases",), ("create",))
     | grants(
-        LEADER, "coordination.k8s.io", ("leases",), ("get", "update"), ("inference-cache-operator-leader",)
+        LEADER, "coordination.k8s.io", ("leases",), ("get", "patch"), ("inference-cache-operator-leader",)
     )
     | grants(SERVER, "authentication.k8s.io", ("tokenreviews",), ("create",))
     | grants(SERVER, "", ("pods",), ("list", "watch"))
