@@ -5,8 +5,11 @@ with ``from . import crd_validate`` (``crd_validate.validate(obj, crd)``,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import kmock
+import kubernetes.client as k8s
 import pytest
 import yaml
 
@@ -26,3 +29,12 @@ def our_crds() -> dict[str, dict[str, Any]]:
 def samples() -> dict[str, dict[str, Any]]:
     """sample file name -> the object it holds."""
     return {p.name: yaml.safe_load(p.read_text()) for p in sorted(SAMPLES_DIR.glob("*.yaml"))}
+
+
+@pytest.fixture
+def api(kmock: kmock.RawHandler) -> Iterator[k8s.ApiClient]:
+    """A kubernetes client talking to the kmock API server of the test (no retries)."""
+    cfg = k8s.Configuration(host=str(kmock.url).rstrip("/"))
+    cfg.retries = 0
+    with k8s.ApiClient(cfg) as client:
+        yield client

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -65,14 +65,6 @@ def declared(kmock: kmock.KubernetesEmulator) -> None:
         kmock.resources[f"inferencecache.io/v1alpha1/{plural}"] = kmock.ResourceInfo(namespaced=True)
     kmock.resources["inferencecache.io/v1alpha1/cacheindices"] = kmock.ResourceInfo(namespaced=False)
     kmock.resources["v1/pods"] = kmock.ResourceInfo(namespaced=True)
-
-
-@pytest.fixture
-def api(kmock: kmock.RawHandler) -> Iterator[k8s.ApiClient]:
-    cfg = k8s.Configuration(host=str(kmock.url).rstrip("/"))
-    cfg.retries = 0
-    with k8s.ApiClient(cfg) as client:
-        yield client
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,6 @@ def obj(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 def declared(kmock: kmock.KubernetesEmulator) -> None:
     for plural in ("cachebackends", "cachepolicies", "cachetenants"):
         kmock.resources[f"inferencecache.io/v1alpha1/{plural}"] = kmock.ResourceInfo(namespaced=True)
-
-
-@pytest.fixture
-def api(kmock: kmock.RawHandler) -> Iterator[k8s.ApiClient]:
-    cfg = k8s.Configuration(host=str(kmock.url).rstrip("/"))
-    cfg.retries = 0
-    with k8s.ApiClient(cfg) as client:
-        yield client
 
 
 @pytest.fixture

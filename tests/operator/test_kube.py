@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import kmock
@@ -30,14 +29,6 @@ scripted = pytest.mark.kmock(cls=kmock.KubernetesScaffold)
 
 def status(code: int, message: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "message": message}
-
-
-@pytest.fixture
-def api(kmock: kmock.RawHandler) -> Iterator[k8s.ApiClient]:
-    config = k8s.Configuration(host=str(kmock.url).rstrip("/"))
-    config.retries = 0
-    with k8s.ApiClient(config) as client:
-        yield client
 
 
 @pytest.fixture

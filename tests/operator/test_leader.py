@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import kmock
@@ -67,14 +66,6 @@ def lease_of(holder: str, renewed: dt.datetime, *, rv: str = "1", transitions: i
 @pytest.fixture
 def time() -> FakeTime:
     return FakeTime()
-
-
-@pytest.fixture
-def api(kmock: kmock.RawHandler) -> Iterator[k8s.ApiClient]:
-    config = k8s.Configuration(host=str(kmock.url).rstrip("/"))
-    config.retries = 0
-    with k8s.ApiClient(config) as client:
-        yield client
 
 
 @pytest.fixture
