@@ -509,7 +509,6 @@ class Server:
         self._stream_queue_size = stream_queue_size
         #: Raises ``tls.TLSLoadError`` for an unloadable keypair (``run`` exits 1).
         self._credentials = tls.load_grpc_server_credentials(s.tls_cert_file, s.tls_key_file)
-        self._credentials_used = False
         self.metrics.grpc_tls_enabled.set(1 if self._credentials is not None else 0)
         self._grpc: grpc.aio.Server | None = None
         self._producer: grpc.aio.Server | None = None
@@ -593,13 +592,11 @@ class Server:
         return server, port
 
     def _port_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials for one more gRPC port: grpc refuses to share one dynamic
-        credentials object between ports, so each port gets its own (same files)."""
+        """TLS credentials for one gRPC port: grpc refuses to share one dynamic credentials
+        object between ports, so each port loads its own from the same files (the keypair
+        was already checked in ``__init__``)."""
         if self._credentials is None:
             return None
-        if not self._credentials_used:
-            self._credentials_used = True
-            return self._credentials
         s = self.config.server
         return tls.load_grpc_server_credentials(s.tls_cert_file, s.tls_key_file)
 
