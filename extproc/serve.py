@@ -468,7 +468,7 @@ class Server:
         self._ready: dict[str, bool] = {}
         #: PromptTemplates: the config's ``templates:`` until ``PUT /templates`` replaces them.
         initial_templates = load_templates(config)
-        self.templates = warmup.WatchedTemplateStore(initial_templates)
+        self.templates = templates.TemplateStore(initial_templates)
         self.metrics = ServerMetrics(
             read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
         )

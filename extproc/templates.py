@@ -25,7 +25,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -97,11 +97,17 @@ class TemplateStore:
         self._cache: OrderedDict[tuple[Any, ...], render.StablePrefix] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        #: Called with every new set after the swap (the server's warm-up listens here).
+        self.on_replace: Callable[[Sequence[StoredTemplate]], None] | None = None
         self.replace(templates)
 
     def replace(self, templates: Iterable[StoredTemplate]) -> None:
-        """The new set (a later duplicate of a ref wins); one atomic swap."""
-        self._templates = {(t.namespace, t.name): t for t in templates}
+        """The new set (a later duplicate of a ref wins); one atomic swap, then
+        ``on_replace``."""
+        items = tuple(templates)
+        self._templates = {(t.namespace, t.name): t for t in items}
+        if self.on_replace is not None:
+            self.on_replace(items)
 
     def __len__(self) -> int:
         return len(self._templates)

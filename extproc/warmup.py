@@ -4,7 +4,7 @@ would choose for it, so the first real request of a template already hits.
 Owner: ``inference_cache.extproc`` (built and started by ``serve`` when ``warmup.enabled``;
 ``config.WarmupSettings``). Place in the flow::
 
-    serve config templates: / PUT /templates --> WatchedTemplateStore.replace
+    serve config templates: / PUT /templates --> TemplateStore.replace
         --> Warmer.changed (returns at once) --> one background task per (template, model)
             whose revision is new, for every model with a tokenizer whose tenant may use it:
               known_prefix (worker thread: render.stable_prefix, every slot unknown)
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -74,25 +74,6 @@ def warmup_body(model: str, prefix: render.StablePrefix, *, chat: bool) -> dict[
     return body
 
 
-class WatchedTemplateStore(templates_mod.TemplateStore):
-    """A ``TemplateStore`` that hands every new set to ``on_replace`` after the swap."""
-
-    def __init__(
-        self,
-        templates: Iterable[templates_mod.StoredTemplate] = (),
-        *,
-        on_replace: Callable[[Sequence[templates_mod.StoredTemplate]], None] | None = None,
-    ) -> None:
-        self.on_replace = on_replace
-        super().__init__(templates)
-
-    def replace(self, templates: Iterable[templates_mod.StoredTemplate]) -> None:
-        items = tuple(templates)
-        super().replace(items)
-        if self.on_replace is not None:
-            self.on_replace(items)
-
-
 class Warmer:
     """Pre-fills new template revisions in the background; ``start`` / ``stop`` on the loop."""
 
@@ -119,7 +100,7 @@ class Warmer:
         )
 
     def changed(self, templates: Sequence[templates_mod.StoredTemplate]) -> None:
-        """The new template set (``WatchedTemplateStore.on_replace``): warm what is new."""
+        """The new template set (``TemplateStore.on_replace``): warm what is new."""
         self._latest = tuple(templates)
         if self._session is not None:
             self._schedule()
