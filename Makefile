@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers bench-index bench-extproc bench-recovery compose-test e2e-kind clean
+.PHONY: help venv bench-venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers bench-index bench-extproc bench-recovery compose-test e2e-kind clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -36,6 +36,14 @@ venv: $(STAMP)
 $(PROTOL):
 	$(PYTHON) -m venv .tools/protol
 	.tools/protol/bin/pip install -q protoletariat==3.3.10
+
+# The `bench` extra (matplotlib, for the charts) on top of the test install.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]' --config-settings editable_mode=strict
+	touch $@
+
+bench-venv: venv $(BENCH_STAMP)
 
 proto: venv $(PROTOL)
 	PY=$(PY) PROTOL=$(PROTOL) ./hack/gen_proto.sh proto/_gen
@@ -128,7 +136,7 @@ Q_LIVE    := inference-cache bench live --repeats 3 --json $(BENCH_OUT)/live.jso
 Q_EXTPROC := inference-cache bench extproc --sizes 1k,8k --requests 100 --warmup 10 --json $(BENCH_OUT)/extproc.json
 Q_INDEX   := inference-cache bench index --quick --json $(BENCH_OUT)/index.json
 
-bench: venv tokenizer envoy peers
+bench: bench-venv tokenizer envoy peers
 	@mkdir -p $(BENCH_OUT)
 	$(VENV)/bin/$(Q_ROUTING)
 	$(VENV)/bin/$(Q_LIVE)
@@ -141,7 +149,7 @@ bench: venv tokenizer envoy peers
 	  --result index "$(Q_INDEX)" $(BENCH_OUT)/index.json
 
 F_REPEATS := 1 2 3
-bench-full: venv tokenizer envoy peers
+bench-full: bench-venv tokenizer envoy peers
 	@mkdir -p $(BENCH_OUT)/full
 	for w in mooncake shared_prefix multiturn rag; do \
 	  $(VENV)/bin/inference-cache bench routing --workload $$w --json $(BENCH_OUT)/full/routing-$$w.json || exit 1; done
