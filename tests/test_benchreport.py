@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,41 @@ def test_run_refuses_a_file_that_is_not_bench_json(tmp_path: Path) -> None:
     args = argparse.Namespace(doc=doc, profile="quick", result=[["live", "cmd", str(bad)]])
     assert benchreport.run(args) == 1
     assert doc.read_text() == HAND
+
+
+def _routing_args(tmp_path: Path) -> argparse.Namespace:
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text(HAND)
+    result = tmp_path / "routing.json"
+    rows = [
+        {"router": r, "workload": "mooncake", "hit_ratio": h, "ttft_p90_s": t}
+        for r, h, t in (("rr", 0.05, 5.6), ("ours", 0.1, 2.8))
+    ]
+    result.write_text(json.dumps(rows))
+    return argparse.Namespace(doc=doc, profile="quick", result=[["routing", "cmd", str(result)]])
+
+
+def test_run_draws_and_links_the_charts(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    args = _routing_args(tmp_path)
+    assert benchreport.run(args) == 0
+    png = tmp_path / "docs" / "img" / "bench-routing.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = args.doc.read_text()
+    assert "](img/bench-routing.png)" in text
+    assert "1 PNG file in `img/`, matplotlib" in text
+
+
+def test_run_without_matplotlib_writes_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = _routing_args(tmp_path)
+    assert benchreport.run(args) == 0
+    text = args.doc.read_text()
+    assert "| ours | mooncake | 0.1 | 2.8 |" in text
+    assert benchreport.SKIPPED in text
+    assert "skipped, matplotlib is not installed" in text
+    assert ".png" not in text
+    assert not (tmp_path / "docs" / "img").exists()
