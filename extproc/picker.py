@@ -21,13 +21,16 @@ Owner: ``inference_cache.extproc`` (built by ``serve``; called by ``protocol`` f
 
 Without a tokenizer for the model, or without KV events from all its endpoints, the match
 is approximate (``approx``: character chunks, learned from our own decisions) and reported
-as such. A model with ``matching: bytes`` (a byte-recoverable tokenizer and KV events from
-every endpoint) matches chat requests without special tokens by bytes (``bytes``: the
-matched blocks are exact, the prompt length is estimated from bytes); its decisions are not
-recorded as speculative entries (a byte match has no keys past the matched blocks), and
-other requests take the token path. When matching overruns its deadline the request is
-routed on load alone (counted). ``finished`` closes the in-flight ticket; the protocol's
-observer compares the engine's reported ``usage`` with the prediction.
+as such (and so is a model with ``matching: approximate``). A model with ``matching: auto``
+(the default) or ``bytes``, a byte-recoverable tokenizer and KV events from every endpoint
+(``choose_matching``, again on every endpoint change) matches chat requests without
+special tokens by bytes (``bytes``: the matched blocks are exact, the prompt length is
+estimated from bytes); its decisions are recorded as speculative entries on the matched
+blocks and fixed byte chunks past them (``bytematch.speculative_keys``), and other
+requests take the token path (counted in ``byte_fallbacks``). When matching overruns its
+deadline the request is routed on load alone (counted). ``finished`` closes the in-flight
+ticket; the protocol's observer compares the engine's reported ``usage`` with the
+prediction.
 
 A templated request (body field ``template`` or header ``x-inference-cache-template``)
 names a PromptTemplate instead of carrying ``prompt`` / ``messages``: the template must be
@@ -41,6 +44,7 @@ and routing runs on exactly that request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import json
@@ -82,6 +86,11 @@ INLINE_TOKENIZE_CHARS = 2048
 #: Block-key chains (block size x cache_salt) kept per cached token prefix (``block_keys``).
 BLOCK_KEY_VARIANTS = 4
 
+#: The matching a model runs (``Route.matching``; the ``mode`` of ``inferencecache_matching_mode``).
+MODE_TOKENS = "tokens"
+MODE_BYTES = "bytes"
+MODE_APPROXIMATE = "approximate"
+
 #: How a decision's match was obtained (the ``match`` label of the decision metrics).
 MATCH_PRECISE = "precise"
 MATCH_BYTES = "bytes"  # precise, by the rendered prompt's bytes (``matching: bytes``)
@@ -89,6 +98,12 @@ MATCH_APPROX = "approximate"
 MATCH_NONE = "none"  # no prompt (bodiless, other paths)
 MATCH_TIMEOUT = "timeout"  # deadline overrun: load only
 MATCH_UNTOKENIZABLE = "untokenizable"  # the template or tokenizer refused it: load only
+
+#: Why a request of a model matched by bytes took the token path (``byte_fallbacks``).
+FALLBACK_NOT_CHAT = "not_chat"  # a completions request
+FALLBACK_SPECIAL_TOKENS = "add_special_tokens"
+FALLBACK_TEMPLATE = "template_error"  # the chat template refused it (tokenizing says why)
+FALLBACK_AFFIXES = "special_affixes"  # the tokenizer appends tokens bytes cannot place
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +117,18 @@ class Route:
     tokenizer: tokenizer_mod.CachedChatEncoder | None
     #: Every endpoint of the model publishes KV events (else: approximate matching).
     events: bool = True
-    #: Byte matching of chat requests (``matching: bytes``; ``None``: tokens only).
+    #: Byte matching of chat requests, when the model runs it (``None``: tokens only).
     bytes: bytematch.ByteMatcher | None = None
+    #: What the model runs: ``tokens``, ``bytes`` or ``approximate`` (``choose_matching``).
+    matching: str = MODE_TOKENS
+    #: Why not what was asked for (empty when it is), for the log and ``/metrics``.
+    matching_reason: str = ""
+    #: The model's byte matcher whether used or not (endpoint changes may turn it on).
+    byte_matcher: bytematch.ByteMatcher | None = None
 
     @property
     def precise(self) -> bool:
-        return self.tokenizer is not None and self.events
+        return self.matching != MODE_APPROXIMATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +146,13 @@ class Prompt:
     approx_keys: Sequence[int] = ()
     #: Per-prompt tie-break seed: equal prefixes break exact ties alike, others spread.
     seed: bytes = bytes(8)
+    #: Speculative entry keys when not ``keys`` (a byte match: ``bytematch.speculative_keys``).
+    speculative_keys: Sequence[bytes] | None = None
+
+    @property
+    def chain(self) -> Sequence[bytes]:
+        """The keys speculative entries are recorded and matched on."""
+        return self.keys if self.speculative_keys is None else self.speculative_keys
 
 
 @dataclass(slots=True)
@@ -192,6 +220,10 @@ class EndpointPicker:
         )
         self.speculative = speculative.SpeculativeIndex(ttl_s=s.speculative_ttl_s, clock=clock)
         self.approx = approx.ApproxIndex(clock=clock)
+        #: (model, ``ByteMatch.boundary``) -> byte-matched requests (``/metrics``).
+        self.byte_boundaries: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: (model, ``FALLBACK_*``) -> requests of a byte-matched model on the token path.
+        self.byte_fallbacks: collections.Counter[tuple[str, str]] = collections.Counter()
         # An engine restart or resync clears its blocks in the index; our guesses of what it
         # would cache (speculative entries) go with them.
         index.add_clear_listener(lambda rid, _model, _tenant: self.speculative.forget(rid))
@@ -209,10 +241,14 @@ class EndpointPicker:
             bidx = byte_indexes.get(m.name)
             matcher = (
                 bytematch.ByteMatcher(tok.tokenizer, bidx)
-                if tok is not None and bidx is not None and events and bidx.table.recoverable
+                if tok is not None and bidx is not None and bidx.table.recoverable
                 else None
             )
-            self.routes[m.name] = Route(m, config.tenant_of(m.name), eps, encoder, events, matcher)
+            route = _with_matching(
+                Route(m, config.tenant_of(m.name), eps, encoder, events, byte_matcher=matcher)
+            )
+            self.routes[m.name] = route
+            _log_matching(route, bidx)
             for a in m.lora_adapters:
                 self._adapters[a.name] = (m.name, a.name)
         self._all_endpoints = tuple(e.address for e in config.endpoints)
@@ -308,19 +344,23 @@ class EndpointPicker:
 
     def set_endpoints(self, model: str, endpoints: Sequence[config_mod.EndpointConfig]) -> None:
         """Replace ``model``'s endpoints at runtime (serve's endpoint discovery). The route
-        takes their tenant (kept when there are none) and stays precise only if all of them
-        publish KV events; byte matching is kept only then. Unknown models are ignored."""
+        takes their tenant (kept when there are none) and its matching is chosen again
+        (``choose_matching``: precise only if all of them publish KV events, bytes only
+        then). Unknown models are ignored."""
         route = self.routes.get(model)
         if route is None:
             return
-        events = all(e.kv_events for e in endpoints)
-        self.routes[model] = dataclasses.replace(
-            route,
-            endpoints=tuple(e.address for e in endpoints),
-            tenant=endpoints[0].tenant if endpoints else route.tenant,
-            events=events,
-            bytes=route.bytes if events else None,
+        new = _with_matching(
+            dataclasses.replace(
+                route,
+                endpoints=tuple(e.address for e in endpoints),
+                tenant=endpoints[0].tenant if endpoints else route.tenant,
+                events=all(e.kv_events for e in endpoints),
+            )
         )
+        self.routes[model] = new
+        if new.matching != route.matching:
+            _log_matching(new, None, changed=True)
         self._all_endpoints = tuple(e for r in self.routes.values() for e in r.endpoints)
 
     def ready_endpoints(self, route: Route) -> list[str]:
@@ -378,16 +418,21 @@ class EndpointPicker:
         adapter: str,
         policy: policy_mod.NamespacePolicy,
     ) -> Prompt:
-        if route.tokenizer is None or not route.events:
+        if route.tokenizer is None or route.matching == MODE_APPROXIMATE:
             text = openai.approx_text(parsed)
             akeys = self.approx.keys(route.model.name + "\0" + adapter, parsed.cache_salt, text)
             total = max(1, int(len(text) / self.approx.chars_per_token))
             seed = akeys[0].to_bytes(8, "big") if akeys else text_seed(text)
             return Prompt(None, total, (), MATCH_APPROX, akeys, seed)
-        if route.bytes is not None and parsed.api == "chat" and not parsed.add_special_tokens:
-            by_bytes = self._byte_prompt(route, route.tokenizer, route.bytes, parsed, adapter)
-            if by_bytes is not None:
-                return by_bytes
+        if route.bytes is not None:
+            if parsed.api != "chat":
+                self.byte_fallbacks[route.model.name, FALLBACK_NOT_CHAT] += 1
+            elif parsed.add_special_tokens:
+                self.byte_fallbacks[route.model.name, FALLBACK_SPECIAL_TOKENS] += 1
+            else:
+                by_bytes = self._byte_prompt(route, route.tokenizer, route.bytes, parsed, adapter)
+                if by_bytes is not None:
+                    return by_bytes
         budget_ms = policy.lookup_timeout_ms if policy.lookup_timeout_ms > 0 else DEFAULT_MATCH_TIMEOUT_MS
         try:
             tokens, keys = await self._tokenize(
@@ -413,17 +458,29 @@ class EndpointPicker:
     ) -> Prompt | None:
         """The chat request matched by its rendered bytes, inline (``None``: the token path
         decides, e.g. the template refused it and tokenizing reports why)."""
+        model = route.model.name
         try:
             text = render(tok, parsed)
         except Exception:  # TemplateError and friends: the token path classifies it
+            self.byte_fallbacks[model, FALLBACK_TEMPLATE] += 1
             return None
         data = matcher.request_bytes(text)
         if data is None:
+            self.byte_fallbacks[model, FALLBACK_AFFIXES] += 1
             return None
-        scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
+        scope = types.Scope(route.tenant, model, types.HASH_SCHEME_VLLM, adapter)
         m = matcher.match(scope, data, salt=parsed.cache_salt)
-        total = m.estimated_total_tokens(route.model.block_size)
-        return Prompt(None, total, m.keys, MATCH_BYTES, seed=text_seed(data))
+        self.byte_boundaries[model, m.boundary] += 1
+        bs = route.model.block_size
+        spec = bytematch.speculative_keys(data, m, bs, salt=parsed.cache_salt)
+        return Prompt(
+            None,
+            m.estimated_total_tokens(bs),
+            m.keys,
+            MATCH_BYTES,
+            seed=text_seed(data),
+            speculative_keys=spec,
+        )
 
     async def _tokenize(
         self,
@@ -459,13 +516,14 @@ class EndpointPicker:
         indexed: dict[str, int] = {}
         indexed_blocks: dict[str, int] = {}
         matched: dict[str, int] = {}
-        if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.keys:
+        if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.chain:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
-            for m in self._index.longest_prefix(scope, prompt.keys):
-                indexed[m.replica_id] = m.matched_tokens
-                indexed_blocks[m.replica_id] = m.matched_blocks
+            if prompt.keys:
+                for m in self._index.longest_prefix(scope, prompt.keys):
+                    indexed[m.replica_id] = m.matched_tokens
+                    indexed_blocks[m.replica_id] = m.matched_blocks
             matched.update(indexed)
-            for rid, n in self.speculative.match_tokens(scope, prompt.keys, indexed_blocks).items():
+            for rid, n in self.speculative.match_tokens(scope, prompt.chain, indexed_blocks).items():
                 matched[rid] = max(matched.get(rid, 0), n)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
@@ -494,10 +552,12 @@ class EndpointPicker:
         prompt = ranked.prompt
         uncached = max(prompt.total_tokens - chosen.matched_tokens, 1)
         ticket = self.inflight.begin(chosen.replica_id, uncached)
-        if prompt.match == MATCH_PRECISE and prompt.keys:
+        if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.chain:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             held = ranked.indexed_blocks.get(chosen.replica_id, 0)  # the index has these
-            self.speculative.record(scope, chosen.replica_id, prompt.keys, route.model.block_size, start=held)
+            self.speculative.record(
+                scope, chosen.replica_id, prompt.chain, route.model.block_size, start=held
+            )
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             self.approx.record(chosen.replica_id, prompt.approx_keys)
         endpoints = tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints])
@@ -520,6 +580,52 @@ class EndpointPicker:
         views = self.inflight.candidates(candidates, {}, 0)
         order = scoring.rank(views, 1, self.settings.scoring, seed=request.path.encode())
         return Decision(endpoints=tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints]))
+
+
+def choose_matching(route: Route) -> tuple[str, str]:
+    """(what ``route`` runs, why: empty when it runs what its config asked for).
+
+    ``approximate`` without a tokenizer, without KV events from every endpoint (only a
+    replica whose events we subscribe to ourselves carries the token ids a byte index
+    needs, and only those the index holds precisely), or when asked for; ``bytes`` for
+    ``auto`` / ``bytes`` with a byte-recoverable tokenizer; else ``tokens``."""
+    asked = route.model.matching
+    if asked == MODE_APPROXIMATE:
+        return MODE_APPROXIMATE, ""
+    if route.tokenizer is None:
+        return MODE_APPROXIMATE, "no tokenizer"
+    if not route.events:
+        return MODE_APPROXIMATE, "an endpoint has no kv_events"
+    if asked == MODE_TOKENS:
+        return MODE_TOKENS, ""
+    if route.byte_matcher is not None:
+        return MODE_BYTES, ""
+    return MODE_TOKENS, "the tokenizer is not byte-recoverable"
+
+
+def _with_matching(route: Route) -> Route:
+    mode, why = choose_matching(route)
+    return dataclasses.replace(
+        route,
+        matching=mode,
+        matching_reason=why,
+        bytes=route.byte_matcher if mode == MODE_BYTES else None,
+    )
+
+
+def _log_matching(route: Route, bidx: bytekeys.ByteIndex | None, *, changed: bool = False) -> None:
+    """A warning when ``bytes`` was asked for and cannot be used; an endpoint change that
+    changes the mode at info; else debug (``serve`` logs every model's mode at startup)."""
+    asked = route.model.matching
+    extra = {"model": route.model.name, "requested": asked, "mode": route.matching}
+    if route.matching_reason:
+        table = bidx.table.reason if bidx is not None else ""
+        extra["reason"] = f"{route.matching_reason}: {table}" if table else route.matching_reason
+    if asked == MODE_BYTES and route.matching != MODE_BYTES:
+        level = logging.WARNING
+    else:
+        level = logging.INFO if changed else logging.DEBUG
+    log.log(level, "matching_mode", extra=extra)
 
 
 def render(tok: tokenizer_mod.CachedChatEncoder, parsed: openai.ParsedRequest) -> str:

@@ -11,9 +11,9 @@ Owner: ``inference_cache.extproc``. ``inference_cache.cli`` maps ``serve`` here
     aiohttp control   --snapshot-bind-address  /snapshot /policy /templates (ServiceAccount auth)
     index sweep ticker                          Index.sweep() every sweep_interval_s
     one EndpointWorker per endpoints[] entry    probe + KV events + stats scrape
-    endpoint discovery (``discovery.enabled``)   CacheBackends + pods every interval_s ->
-                                                 workers started/stopped, picker routes
-                                                 (extproc/discovery.py)
+    endpoint discovery (``discovery.enabled``)   CacheBackends + pods watched (re-listed
+                                                 every interval_s) -> workers started/
+                                                 stopped, picker routes (extproc/discovery.py)
     template warm-up (``warmup.enabled``)       the config's templates at start, then
                                                 every PUT /templates (extproc/warmup.py)
 
@@ -385,25 +385,15 @@ def load_tokenizers(config: config_mod.Config) -> dict[str, tokenizer_mod.Prompt
 def build_byte_indexes(
     config: config_mod.Config, tokenizers: Mapping[str, tokenizer_mod.PromptTokenizer]
 ) -> dict[str, bytekeys.ByteIndex]:
-    """model name -> an empty ``ByteIndex`` for each ``matching: bytes`` model that can use
-    one: a byte-recoverable tokenizer and KV events from every endpoint; otherwise the
-    model keeps the token path (logged once, at start-up)."""
+    """model name -> an empty ``ByteIndex`` for each model with a tokenizer and ``matching:
+    auto`` or ``bytes``. Its table says whether the tokenizer is byte-recoverable (only those
+    are fed by the subscribers); the picker decides per model, and again on every endpoint
+    change, whether the byte path is used (``picker.choose_matching``)."""
     out: dict[str, bytekeys.ByteIndex] = {}
     for m in config.models:
-        if m.matching != "bytes":
-            continue
         tok = tokenizers.get(m.name)
-        if tok is None:
-            why = "no tokenizer"
-        elif not all(e.kv_events for e in config.endpoints if e.model == m.name):
-            why = "an endpoint has no kv_events"
-        else:
-            table = bytekeys.ByteTable.of(tok.tokenizer)
-            if table.recoverable:
-                out[m.name] = bytekeys.ByteIndex(table, m.block_size)
-                continue
-            why = table.reason
-        log.warning("byte_matching_off", extra={"model": m.name, "reason": why})
+        if tok is not None and m.matching in ("auto", "bytes"):
+            out[m.name] = bytekeys.ByteIndex(bytekeys.ByteTable.of(tok.tokenizer), m.block_size)
     return out
 
 
@@ -473,8 +463,9 @@ class Server:
             read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
         )
         toks = tokenizers if tokenizers is not None else load_tokenizers(config)
-        #: model -> its byte-chain index (``matching: bytes`` models that can use it).
-        self.byte_indexes = build_byte_indexes(config, toks)
+        all_byte_indexes = build_byte_indexes(config, toks)
+        #: model -> its byte-chain index, for the byte-recoverable ones (fed by the subscribers).
+        self.byte_indexes = {m: b for m, b in all_byte_indexes.items() if b.table.recoverable}
         if self.byte_indexes:
             self.index.add_eviction_listener(self._bytes_evicted)
             self.index.add_clear_listener(self._bytes_cleared)
@@ -491,7 +482,7 @@ class Server:
                 scoring=config.scoring,
             ),
             tokenizers=toks,
-            byte_indexes=self.byte_indexes,
+            byte_indexes=all_byte_indexes,
             is_ready=lambda rid: self._ready.get(rid, True),
             observer=self.metrics.extproc,
             templates=self.templates,
@@ -681,11 +672,10 @@ class Server:
         for e in self.config.endpoints:
             self._start_worker(e)
         if self.config.discovery.enabled:
+            assert self._discovery_kube is not None  # checked in __init__
             self._tasks.append(
                 asyncio.create_task(
-                    discovery.poll(
-                        self._discover, self.set_endpoints, interval_s=self.config.discovery.interval_s
-                    ),
+                    discovery.watch(self._discovery_kube, self.config, self.set_endpoints),
                     name="endpoint-discovery",
                 )
             )
@@ -744,7 +734,7 @@ class Server:
 
     def set_endpoints(self, discovered: Sequence[config_mod.EndpointConfig]) -> None:
         """Run the config file's endpoints plus ``discovered``: start and stop workers, and
-        give the picker each model's new endpoint list (discovery calls it every poll)."""
+        give the picker each model's new endpoint list (discovery calls it on every change)."""
         wanted = discovery.desired(self.config.endpoints, discovered)
         change = discovery.plan({w.replica_id: w.endpoint for w in self.workers}, wanted)
         if change.empty:
@@ -761,7 +751,7 @@ class Server:
         )
 
     async def discover_once(self) -> None:
-        """One discovery poll now (what the ``discovery.interval_s`` ticker runs)."""
+        """One full discovery poll now (a list of CacheBackends and pods, beside the watch)."""
         await discovery.refresh(self._discover, self.set_endpoints)
 
     async def _picker_ticker(self) -> None:
@@ -827,6 +817,7 @@ async def serve(server: Server) -> int:
                 "producer_addr": addrs.producer or "",
                 "extproc_addr": addrs.extproc,
                 "endpoints": len(config.endpoints),
+                "matching": {name: r.matching for name, r in server.picker.routes.items()},
             },
         )
         await stop.wait()

@@ -24,6 +24,19 @@ previous end. Tokenizers without a usable pre-tokenizer or a BPE model fall back
 dropping the last block unless the request ends there or an added token ends there
 (``drop_last``, reported separately).
 
+Speculative keys (``speculative_keys``): a byte match names only blocks some engine has
+reported, so a burst of one new prefix would have nothing to record before the first
+engine's events arrive. The picker therefore records its choice for the request's bytes
+past the matched blocks too, cut into fixed chunks of ``block_size x
+DEFAULT_BYTES_PER_TOKEN`` bytes (one estimated block each, so ``SpeculativeIndex`` counts
+them as blocks of ``block_size`` tokens): key ``i`` is the running XXH3-64 (seed
+``BYTE_SEED ^ 1``) of the last matched block's key (the chain's root when none) followed by
+the first ``i + 1`` chunks. One streaming hash and one digest per chunk: a 32k-token
+prompt costs ~2,000 digests. Two requests get the same keys exactly when they matched the
+same blocks and their bytes agree through those chunks: a new prefix sticks to its first
+replica, and follow-ups diverging mid-chunk lose at most that chunk (the estimate in
+tokens is as rough as the bytes per token). These keys never reach the ``Index``.
+
 Known limit: blocks the engine generated (decode output) hold the model's tokens, which
 need not be the tokenizer's canonical tokens for the same bytes; bytes then claim what
 the token path would not.
@@ -87,6 +100,29 @@ class ByteMatch:
             return matched
         per = self.matched_bytes / matched if matched else DEFAULT_BYTES_PER_TOKEN
         return matched + max(1, round(rest / per))
+
+
+def speculative_keys(
+    data: bytes, match: ByteMatch, block_size: int, *, salt: str | None = None
+) -> list[bytes]:
+    """The match's block keys, then one key per full chunk of the request's bytes past them
+    (module docstring): what the picker records as the chosen replica's speculative entries."""
+    chunk = round(block_size * DEFAULT_BYTES_PER_TOKEN)
+    if match.keys:
+        node = match.keys[-1]
+    else:
+        node = fingerprint.key_bytes(fingerprint.salt_root(salt)) if salt else bytekeys.ROOT
+    hasher = xxhash.xxh3_64(node, seed=_SPECULATIVE_SEED)
+    view = memoryview(data)
+    keys = list(match.keys)
+    update, digest = hasher.update, hasher.digest
+    for start in range(match.matched_bytes, len(data) - chunk + 1, chunk):
+        update(view[start : start + chunk])
+        keys.append(digest())
+    return keys
+
+
+_SPECULATIVE_SEED = bytekeys.BYTE_SEED ^ 1
 
 
 class ByteMatcher:

@@ -16,7 +16,7 @@ File layout (every key optional except where noted)::
         block_size: 16          # tokens per KV block (the engine's --block-size)
         tokenizer: /models/qwen      # local dir with tokenizer.json (+ tokenizer_config.json)
         chat_template: null          # a .jinja file overriding the tokenizer config's template
-        matching: tokens             # tokens | bytes (match engine block bytes, no tokenizing)
+        matching: auto               # auto | tokens | bytes | approximate (docs/configuration.md)
         lora_adapters: [{name: sql-lora, id: 1}]
     endpoints:
       - address: 10.0.0.7:8000  # required: the replica id (what the gateway routes to)
@@ -135,8 +135,8 @@ class LoraAdapter:
     id: int
 
 
-#: ``models[].matching`` values.
-MATCHING_MODES = ("tokens", "bytes")
+#: ``models[].matching`` values (``auto``: bytes where they can be used, else tokens).
+MATCHING_MODES = ("auto", "tokens", "bytes", "approximate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +150,11 @@ class ModelConfig:
     #: A Jinja chat-template file overriding the tokenizer config's template.
     chat_template: str | None = None
     lora_adapters: tuple[LoraAdapter, ...] = ()
-    #: How precise matching keys a request: ``tokens`` (tokenize it) or ``bytes`` (match its
-    #: rendered bytes against the engine's block bytes, issue #9; needs a byte-recoverable
-    #: tokenizer and KV events from every endpoint, else tokens).
-    matching: str = "tokens"
+    #: How a request is matched: ``tokens`` (tokenize it), ``bytes`` (match its rendered
+    #: bytes against the engine's block bytes, issue #9; needs a byte-recoverable tokenizer
+    #: and KV events from every endpoint, else tokens), ``auto`` (bytes when they can be
+    #: used, else tokens) or ``approximate`` (character chunks, even with a tokenizer).
+    matching: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ engine's events would produce (our fingerprint of the same token ids).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -614,12 +616,12 @@ async def test_without_a_template_store_every_template_is_unknown() -> None:
 
 
 def bytes_picker(
-    *, events: bool = True, max_entries: int = 0, **settings: Any
+    *, events: bool = True, max_entries: int = 0, matching: str = "bytes", **settings: Any
 ) -> tuple[picker.EndpointPicker, store.Index, bytekeys.ByteIndex | None]:
     """A picker whose model is matched by bytes, its ``ByteIndex`` built as ``serve`` builds it
     and kept in step with the index's evictions."""
     cfg = config.Config(
-        models=(config.ModelConfig(MODEL, block_size=BS, tokenizer=str(TINY), matching="bytes"),),
+        models=(config.ModelConfig(MODEL, block_size=BS, tokenizer=str(TINY), matching=matching),),
         endpoints=tuple(
             config.EndpointConfig(
                 address=a, model=MODEL, tenant="t", kv_events="tcp://127.0.0.1:1" if events else None
@@ -697,9 +699,117 @@ async def test_bytes_matching_leaves_other_requests_on_the_token_path() -> None:
 
 async def test_bytes_matching_needs_kv_events_from_every_endpoint() -> None:
     p, _index, bidx = bytes_picker(events=False)
-    assert bidx is None and p.routes[MODEL].bytes is None
+    assert bidx is not None and p.routes[MODEL].bytes is None
+    assert (p.routes[MODEL].matching, p.routes[MODEL].matching_reason) == (
+        "approximate",
+        "an endpoint has no kv_events",
+    )
     d = await pick(p, request(chat_body(LONG)))
     assert match_of(d) == picker.MATCH_APPROX
+
+
+@pytest.mark.parametrize(
+    ("matching", "mode", "match"),
+    [
+        ("auto", "bytes", picker.MATCH_BYTES),
+        ("bytes", "bytes", picker.MATCH_BYTES),
+        ("tokens", "tokens", picker.MATCH_PRECISE),
+        ("approximate", "approximate", picker.MATCH_APPROX),
+    ],
+)
+async def test_each_matching_mode_routes_chat_requests_its_way(matching: str, mode: str, match: str) -> None:
+    p, _index, _bidx = bytes_picker(matching=matching)
+    assert (p.routes[MODEL].matching, p.routes[MODEL].matching_reason) == (mode, "")
+    assert p.routes[MODEL].precise == (mode != "approximate")
+    d = await pick(p, request(chat_body(LONG)))
+    assert match_of(d) == match
+
+
+def test_auto_is_the_default_matching() -> None:
+    assert config.ModelConfig(MODEL).matching == "auto"
+
+
+@pytest.mark.parametrize("matching", ["auto", "bytes"])
+async def test_a_tokenizer_that_is_not_byte_recoverable_keeps_tokens(
+    matching: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = bytekeys.ByteTable.of
+
+    def broken(tok: Any) -> bytekeys.ByteTable:
+        return dataclasses.replace(real(tok), recoverable=False, reason="self-check failed")
+
+    monkeypatch.setattr(bytekeys.ByteTable, "of", broken)
+    with caplog.at_level(logging.DEBUG, logger="inference_cache.extproc.picker"):
+        p, _index, _bidx = bytes_picker(matching=matching)
+    route = p.routes[MODEL]
+    assert route.bytes is None and route.matching == "tokens"
+    assert route.matching_reason == "the tokenizer is not byte-recoverable"
+    (rec,) = [r for r in caplog.records if r.getMessage() == "matching_mode"]
+    # only an explicit `bytes` warns; auto says why at debug (serve logs the mode at startup)
+    assert rec.levelno == (logging.WARNING if matching == "bytes" else logging.DEBUG)
+    assert rec.__dict__["reason"] == "the tokenizer is not byte-recoverable: self-check failed"
+    d = await pick(p, request(chat_body(LONG)))
+    assert match_of(d) == picker.MATCH_PRECISE
+
+
+async def test_endpoint_changes_apply_the_matching_rule_again() -> None:
+    p, _index, bidx = bytes_picker(matching="auto")
+    assert bidx is not None
+    with_events = [
+        config.EndpointConfig(address=a, model=MODEL, tenant="t", kv_events="tcp://x:1") for a in (A, B)
+    ]
+    without = [*with_events, config.EndpointConfig(address=C, model=MODEL, tenant="t")]
+    p.set_endpoints(MODEL, without)
+    assert (p.routes[MODEL].matching, p.routes[MODEL].bytes) == ("approximate", None)
+    assert match_of(await pick(p, request(chat_body(LONG)))) == picker.MATCH_APPROX
+    p.set_endpoints(MODEL, with_events)
+    assert p.routes[MODEL].matching == "bytes" and p.routes[MODEL].bytes is not None
+    assert match_of(await pick(p, request(chat_body(LONG)))) == picker.MATCH_BYTES
+
+
+async def test_a_burst_of_one_new_prefix_sticks_to_one_replica_by_bytes() -> None:
+    """As ``test_a_burst_of_one_cold_prefix_sticks_before_any_event_arrives``, by bytes (how
+    long it sticks is the scorer's trade-off against the load)."""
+    for text in (LONG, LONG + "and twice: " + LONG):
+        p, index, _bidx = bytes_picker()
+        first = await pick(p, request(chat_body(text)))
+        assert match_of(first) == picker.MATCH_BYTES
+        # the first one is still in flight: only speculation keeps them together
+        d = await pick(p, request(chat_body(text)))
+        assert d.endpoints == first.endpoints, (first.debug, d.debug)
+        assert d.debug is not None
+        claims = {r["endpoint"]: r["matched_tokens"] for r in json.loads(d.debug)["ranked"]}
+        assert claims.pop(first.endpoints[0]) > 0 and set(claims.values()) == {0}
+        assert index.total_entries == 0
+
+
+async def test_speculative_byte_keys_continue_the_indexed_match() -> None:
+    p, index, bidx = bytes_picker()
+    assert bidx is not None
+    cache_both(index, bidx, A, chat_ids(LONG))  # A holds the shared prefix
+    follow = LONG + " and a long new question about the fox and the lazy dog, twice over"
+    first = await pick(p, request(chat_body(follow)))
+    assert first.endpoints == (A,)
+    second = await pick(p, request(chat_body(follow)))
+    assert second.endpoints == (A,)
+    assert second.predicted_cached_tokens is not None and first.predicted_cached_tokens is not None
+    assert second.predicted_cached_tokens > first.predicted_cached_tokens
+
+
+async def test_byte_fallbacks_and_boundaries_are_counted() -> None:
+    p, index, bidx = bytes_picker()
+    assert bidx is not None
+    cache_both(index, bidx, B, chat_ids(LONG))
+    await pick(p, request(chat_body(LONG + " more")))
+    await pick(p, request(chat_body("nothing cached")))
+    await pick(p, request(chat_body(LONG, add_special_tokens=True)))
+    await pick(p, request({"model": MODEL, "prompt": LONG}, path="/v1/completions"))
+    assert sum(p.byte_boundaries.values()) == 2
+    assert p.byte_boundaries[MODEL, "none"] == 1
+    assert p.byte_fallbacks == {
+        (MODEL, picker.FALLBACK_SPECIAL_TOKENS): 1,
+        (MODEL, picker.FALLBACK_NOT_CHAT): 1,
+    }
 
 
 async def test_index_evictions_drop_the_byte_chain_entries() -> None:
@@ -713,7 +823,7 @@ async def test_index_evictions_drop_the_byte_chain_entries() -> None:
         assert len(chain.blocks) == 4 and set(chain.blocks) <= set(fingerprint.chain_keys(ids, BS))
 
 
-def test_matching_must_be_tokens_or_bytes() -> None:
+def test_matching_must_be_a_known_mode() -> None:
     cfg = config.Config(models=(config.ModelConfig(MODEL, matching="fuzzy"),))
     with pytest.raises(config.ConfigError, match=r"models\[0\]\.matching"):
         config.validate(cfg)
