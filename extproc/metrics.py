@@ -73,6 +73,81 @@ class IngestReadings:
     skipped_blocks: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ModelMatching:
+    """How one model is matched, read at scrape time (``picker.Route`` and its byte index)."""
+
+    model: str
+    #: ``models[].matching`` as configured (``auto``, ``tokens``, ``bytes``, ``approximate``).
+    requested: str
+    #: What runs now: ``tokens``, ``bytes`` or ``approximate``.
+    mode: str
+    #: Replica x block entries of the model's byte chain (0 without one).
+    byte_entries: int = 0
+    #: Estimated memory of the byte chain beyond the index.
+    byte_bytes: int = 0
+    #: ``ByteMatch.boundary`` outcome -> byte-matched requests.
+    boundaries: Mapping[str, int] = field(default_factory=dict)
+    #: Reason -> requests of the model that took the token path although it matches by bytes.
+    fallbacks: Mapping[str, int] = field(default_factory=dict)
+
+
+class MatchingCollector(Collector):
+    """Per model: its matching mode, and the byte path's index size and outcomes (issue #9)."""
+
+    def __init__(self, read: Callable[[], Iterable[ModelMatching]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        """Nothing to check at registration (the picker ``read`` needs is built later)."""
+        return ()
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        models = list(self._read())
+        mode = GaugeMetricFamily(
+            "inferencecache_matching_mode",
+            "1 for the matching each model runs (mode), as configured (requested).",
+            labels=["model", "requested", "mode"],
+        )
+        entries = GaugeMetricFamily(
+            "inferencecache_byte_index_entries",
+            "Replica x block entries of the model's byte chain (auxiliary: not index entries).",
+            labels=["model"],
+        )
+        size = GaugeMetricFamily(
+            "inferencecache_byte_index_bytes",
+            "Estimated memory of the model's byte chain beyond the index.",
+            labels=["model"],
+        )
+        per_entry = GaugeMetricFamily(
+            "inferencecache_byte_index_bytes_per_entry",
+            "inferencecache_byte_index_bytes / inferencecache_byte_index_entries (0 when empty).",
+            labels=["model"],
+        )
+        boundaries = CounterMetricFamily(
+            "inferencecache_byte_match_boundaries",
+            "Byte-matched requests by boundary-check outcome.",
+            labels=["model", "outcome"],
+        )
+        fallbacks = CounterMetricFamily(
+            "inferencecache_byte_match_fallbacks",
+            "Requests of a model matched by bytes that took the token path, by reason.",
+            labels=["model", "reason"],
+        )
+        for m in models:
+            mode.add_metric([m.model, m.requested, m.mode], 1)
+            if m.mode != "bytes" and not m.byte_entries:
+                continue
+            entries.add_metric([m.model], m.byte_entries)
+            size.add_metric([m.model], m.byte_bytes)
+            per_entry.add_metric([m.model], m.byte_bytes / m.byte_entries if m.byte_entries else 0)
+            for outcome, n in sorted(m.boundaries.items()):
+                boundaries.add_metric([m.model, outcome], n)
+            for reason, n in sorted(m.fallbacks.items()):
+                fallbacks.add_metric([m.model, reason], n)
+        yield from (mode, entries, size, per_entry, boundaries, fallbacks)
+
+
 class StateCollector(Collector):
     """Reads index and ingest counters at scrape time.
 
@@ -159,6 +234,7 @@ class ServerMetrics:
         *,
         read_index: Callable[[], IndexReadings] = IndexReadings,
         read_ingest: Callable[[], IngestReadings] = IngestReadings,
+        read_matching: Callable[[], Iterable[ModelMatching]] = tuple,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -206,6 +282,7 @@ class ServerMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(StateCollector(read_index, read_ingest))
+        r.register(MatchingCollector(read_matching))
 
     def observe_lookup(self, model: str, reason_code: str, hint_used: bool, seconds: float) -> None:
         self.lookup_calls.labels(model, reason_code, "true" if hint_used else "false").inc()

@@ -76,7 +76,7 @@ from inference_cache.extproc import (
     tls,
     warmup,
 )
-from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ServerMetrics
+from inference_cache.extproc.metrics import IndexReadings, IngestReadings, ModelMatching, ServerMetrics
 from inference_cache.index import bytekeys, snapshot, store, types
 from inference_cache.index import policy as policy_mod
 from inference_cache.operator import kube
@@ -397,6 +397,27 @@ def build_byte_indexes(
     return out
 
 
+def matching_readings(
+    pick: picker.EndpointPicker, byte_indexes: Mapping[str, bytekeys.ByteIndex]
+) -> list[ModelMatching]:
+    """Each model's matching mode and byte-path numbers, for ``/metrics``."""
+    out = []
+    for name, route in pick.routes.items():
+        bidx = byte_indexes.get(name)
+        out.append(
+            ModelMatching(
+                model=name,
+                requested=route.model.matching,
+                mode=route.matching,
+                byte_entries=bidx.entries if bidx is not None else 0,
+                byte_bytes=bidx.approx_bytes() if bidx is not None else 0,
+                boundaries={o: n for (m, o), n in pick.byte_boundaries.items() if m == name},
+                fallbacks={r: n for (m, r), n in pick.byte_fallbacks.items() if m == name},
+            )
+        )
+    return out
+
+
 def load_templates(config: config_mod.Config) -> list[templates.StoredTemplate]:
     """The config's ``templates:`` decoded; raises ``ConfigError``."""
     try:
@@ -460,7 +481,9 @@ class Server:
         initial_templates = load_templates(config)
         self.templates = templates.TemplateStore(initial_templates)
         self.metrics = ServerMetrics(
-            read_index=lambda: index_readings(self.index), read_ingest=lambda: ingest_readings(self.workers)
+            read_index=lambda: index_readings(self.index),
+            read_ingest=lambda: ingest_readings(self.workers),
+            read_matching=lambda: matching_readings(self.picker, self.byte_indexes),
         )
         toks = tokenizers if tokenizers is not None else load_tokenizers(config)
         all_byte_indexes = build_byte_indexes(config, toks)

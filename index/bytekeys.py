@@ -34,6 +34,7 @@ tokenizer's canonical split) share an edge: the first keeps it, the other is not
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -204,6 +205,8 @@ class ChainView:
 
 
 _EMPTY = ChainView({}, {}, {})
+_PACKED_BYTES = sys.getsizeof(1 << 200)
+_INT_BYTES = sys.getsizeof(1 << 63)
 _LEN_SHIFT, _LAST_SHIFT, _HOLD_SHIFT = 128, 160, 176
 _U16, _U32 = (1 << 16) - 1, (1 << 32) - 1
 
@@ -327,6 +330,21 @@ class ByteIndex:
         with self._lock:
             sc = self._scopes.get(scope)
             yield _EMPTY if sc is None else ChainView(sc.children, sc.edges, sc.blocks)
+
+    def approx_bytes(self) -> int:
+        """Memory the byte chain holds beyond the index (its dict tables, the packed ints,
+        the replicas' key sets; the 8-byte keys themselves are the index's, shared). An
+        estimate from ``sys.getsizeof`` of the containers: O(scopes + replicas)."""
+        size = sys.getsizeof
+        with self._lock:
+            total = 0
+            for sc in self._scopes.values():
+                total += size(sc.children) + size(sc.edges) + size(sc.blocks)
+                # a packed block int (~200 bits), an edge's int key, a node's length int
+                total += len(sc.blocks) * _PACKED_BYTES + len(sc.edges) * _INT_BYTES
+                total += len(sc.children) * _INT_BYTES
+                total += sum(size(held) for held in sc.held.values())
+            return total
 
     def holds(self, scope: Scope, replica_id: str) -> int:
         """Blocks of ``replica_id`` in ``scope`` (tests, debugging)."""

@@ -99,6 +99,8 @@ class DemoSettings:
     stats_interval_s: float = 1.0
     #: Pre-fill each template's stable prefix (``warmup.enabled``) before its requests.
     warmup: bool = True
+    #: ``models[].matching`` of the demo model (``auto``: bytes with a byte-level tokenizer).
+    matching: str = "auto"
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -383,7 +385,10 @@ def server_config(
         ),
         models=(
             config_mod.ModelConfig(
-                name=MODEL, block_size=settings.block_size, tokenizer=str(settings.tokenizer)
+                name=MODEL,
+                block_size=settings.block_size,
+                tokenizer=str(settings.tokenizer),
+                matching=settings.matching,
             ),
         ),
         endpoints=tuple(
@@ -789,6 +794,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--matching",
+        choices=config_mod.MATCHING_MODES,
+        default="auto",
+        help="how the server matches requests (models[].matching; default auto)",
+    )
+    p.add_argument(
         "--envoy",
         metavar="PATH",
         help="Envoy binary (default: $INFERENCE_CACHE_ENVOY, "
@@ -825,6 +836,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
         num_gpu_blocks=args.num_gpu_blocks or (96 if tokenizer == QWEN_TOKENIZER else 320),
         block_size=args.block_size,
         seed=args.seed,
+        matching=args.matching,
         workload=WorkloadSettings(
             seed=args.seed,
             conversations=args.conversations,
