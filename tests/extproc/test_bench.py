@@ -16,6 +16,7 @@ TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tiny-tokenizer"
 CELL_KEYS = {
     "size_tokens",
     "turn",
+    "matching",
     "prompt_tokens",
     "requests",
     "concurrency",
@@ -107,3 +108,22 @@ def test_sizes_take_k_suffixes() -> None:
     parser = cli.build_parser(["bench", "extproc"])
     args = parser.parse_args(["bench", "extproc", "--sizes", "1k,8k,100"])
     assert args.sizes == (1024, 8192, 100)
+
+
+@pytest.mark.timeout(180)
+def test_matching_bytes_measures_first_turns_by_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "extproc", "--sizes", "64", "--requests", "3", "--warmup", "1", "--matching", "bytes"]
+    argv += ["--concurrency", "1", "--engines", "2", "--no-taskset", "--tokenizer", str(TINY_TOKENIZER)]
+    argv += ["--json", str(out)]
+
+    assert cli.main(argv) == 0
+
+    cells = json.loads(out.read_text())
+    assert [(c["size_tokens"], c["turn"], c["matching"]) for c in cells] == [(64, "first", "bytes")]
+    assert cells[0]["errors"] == 0
+
+
+def test_the_server_config_carries_the_matching() -> None:
+    cfg = bench.server_config(TINY_TOKENIZER, ["127.0.0.1:1"], "/tmp/x", "bytes")
+    assert cfg["models"][0]["matching"] == "bytes"
