@@ -27,6 +27,12 @@ always picks the engine holding the longest earlier prompt prefix would get with
 cache: the longest full-block common prefix with any earlier-sent prompt, capped one block
 short as vLLM caps a hit (computed afterwards with the engines' tokenizer, untimed).
 
+Load generator (``--load-generator``): ours (above) by default; ``inference-perf`` (its
+``shared_prefix`` data generator, :mod:`inference_cache.inferenceperf`) drives the
+shared-prefix workload instead when ``auto`` finds it installed (``hack/peers.py``, Python
+3.12) or when asked for; multi-turn always uses ours. Each row's ``load_generator`` and
+``client`` say which ran.
+
 ``--json OUT`` writes a top-level JSON array, one object per run (the convention of
 ``bench index``/``bench extproc``); a markdown table of medians over repeats is printed.
 """
@@ -55,7 +61,7 @@ import aiohttp
 import yaml
 
 from inference_cache import config as config_mod
-from inference_cache import demo_workload, envoy
+from inference_cache import demo_workload, envoy, inferenceperf
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import openai, picker
 from inference_cache.extproc.bench import ServerProcess, without_extproc
@@ -72,6 +78,9 @@ WORKLOADS = ("shared_prefix", "multiturn")
 REFERENCE_ROUTER = "sglang_cache_aware"
 CLIENT_MODE = "streamed chat, stream_options.include_usage, a new TCP connection per request"
 LOAD_GENERATOR = "own (aiohttp)"
+LOAD_GENERATORS = ("auto", "ours", "inference-perf")
+#: Demo-vocabulary words -> Qwen tokens (inference-perf sizes its prompts in tokens).
+TOKENS_PER_WORD = 1.3
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 REQUEST_TIMEOUT_S = 120.0
@@ -130,6 +139,9 @@ class Settings:
     peers_dir: Path = PEERS_DIR
     #: ``tcp`` (engines bind ``tcp://*:P``: vllm-router accepts only tcp://HOST:PORT) or ``ipc``.
     events: str = "tcp"
+    #: One of :data:`LOAD_GENERATORS` (:func:`generator_for` resolves it per workload).
+    load_generator: str = "auto"
+    inference_perf: Path = inferenceperf.EXECUTABLE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,7 +179,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="KV-event transport (default: tcp when a vllm router runs)",
     )
+    p.add_argument(
+        "--load-generator",
+        choices=LOAD_GENERATORS,
+        default="auto",
+        help="shared_prefix client: auto (default) = inference-perf when installed, else ours; "
+        "multiturn always uses ours",
+    )
+    p.add_argument(
+        "--inference-perf",
+        type=Path,
+        default=inferenceperf.EXECUTABLE,
+        help="the inference-perf executable (hack/peers.py installs it)",
+    )
     p.add_argument("--seed", type=int, default=0)
+
+
+def generator_for(settings: Settings, workload: str) -> str:
+    """``ours`` or ``inference-perf``: the client that drives ``workload``."""
+    if workload != "shared_prefix" or settings.load_generator == "ours":
+        return "ours"
+    if settings.load_generator == "auto" and not inferenceperf.installed(settings.inference_perf):
+        return "ours"
+    return "inference-perf"
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -180,6 +214,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if not (args.tokenizer / "tokenizer.json").is_file():
         raise BenchError(f"{args.tokenizer}: no tokenizer.json there (run `make tokenizer`)")
     events = args.events or ("tcp" if any(r.startswith("vllm_") for r in args.routers) else "ipc")
+    if args.load_generator == "inference-perf" and not inferenceperf.installed(args.inference_perf):
+        raise BenchError(f"{args.inference_perf} missing: run `python hack/peers.py inference-perf`")
     return Settings(
         engine=EngineSettings(tokenizer=args.tokenizer.resolve(), num_gpu_blocks=args.num_gpu_blocks),
         engines=args.engines,
@@ -199,6 +235,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         peers_dir=args.peers_dir.resolve(),
         events=events,
+        load_generator=args.load_generator,
+        inference_perf=args.inference_perf,
     )
 
 
@@ -513,6 +551,7 @@ class Result:
     latency_s: float = float("nan")
     engine: str | None = None
     error: str | None = None
+    path: str = CHAT_PATH
 
 
 def chat_body(messages: Sequence[Message], max_tokens: int) -> bytes:
@@ -587,6 +626,55 @@ async def drive(url: str, work: Sequence[Session], concurrency: int, max_tokens:
     return results
 
 
+async def drive_inference_perf(
+    settings: Settings, url: str, workdir: Path, tag: str, repeat: int
+) -> tuple[list[Result], float]:
+    """The shared-prefix workload's shape (groups, questions, sizes in tokens) sent by
+    inference-perf; -> its per-request report as results (no engine address: it keeps no
+    response headers, so ``imbalance_max_mean`` is empty) and the seconds from the first
+    request's start to the last one's end (its start-up is not counted)."""
+    shape = settings.shape
+    load = inferenceperf.Load(
+        url=url,
+        model=MODEL,
+        tokenizer=settings.engine.tokenizer,
+        groups=shape.groups,
+        questions=shape.questions,
+        prefix_tokens=inferenceperf.shape_in_tokens(shape.prefix_words, TOKENS_PER_WORD),
+        question_tokens=inferenceperf.shape_in_tokens(shape.question_words, TOKENS_PER_WORD),
+        max_tokens=settings.max_tokens,
+        concurrency=settings.concurrency,
+        seed=settings.seed + repeat,
+        report_dir=workdir / f"inference-perf-{tag}",
+    )
+    try:
+        records = await inferenceperf.run(
+            load,
+            workdir / f"inference-perf-{tag}.yaml",
+            workdir / f"inference-perf-{tag}.log",
+            settings.inference_perf,
+        )
+    except inferenceperf.InferencePerfError as exc:
+        raise BenchError(str(exc)) from exc
+    span = max((r.start + r.latency_s for r in records), default=0.0) - min(
+        (r.start for r in records), default=0.0
+    )
+    results = [
+        Result(
+            order=i,
+            body=r.body,
+            prompt_tokens=r.prompt_tokens,
+            cached_tokens=r.cached_tokens,
+            ttft_s=r.ttft_s,
+            latency_s=r.latency_s,
+            error=r.error,
+            path=inferenceperf.PATH,
+        )
+        for i, r in enumerate(records)
+    ]
+    return results, span
+
+
 async def ready(url: str) -> bool:
     result = Result(0, chat_body([{"role": "user", "content": "ready?"}], 1))
     with contextlib.suppress(TimeoutError, ValueError):
@@ -610,6 +698,7 @@ def summarise(
     settings: Settings,
     results: Sequence[Result],
     ideal: Sequence[int],
+    generator: str = "ours",
 ) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
     prompt = sum(r.prompt_tokens for r in ok)
@@ -653,8 +742,8 @@ def summarise(
         "prefill_tokens_per_s": e.prefill_tokens_per_second,
         "decode_tokens_per_s": e.decode_tokens_per_second,
         "max_tokens": settings.max_tokens,
-        "client": CLIENT_MODE,
-        "load_generator": LOAD_GENERATOR,
+        "client": inferenceperf.CLIENT_MODE if generator == "inference-perf" else CLIENT_MODE,
+        "load_generator": inferenceperf.DESCRIPTION if generator == "inference-perf" else LOAD_GENERATOR,
     }
 
 
@@ -700,9 +789,14 @@ NOTES = (
     "`examples/envoy/envoy-buffered.yaml`; `round_robin`: the same Envoy without ext_proc, "
     "ROUND_ROBIN over the engines; sglang-router 0.3.2 `cache_aware`; vllm-router 0.1.17 "
     "`kv_aware` on the engines' ZMQ KV events and `cache_aware` with `VLLM_ROUTER_TOKENIZER`) "
-    "and empties every engine's prefix cache first. Client: "
+    "and empties every engine's prefix cache first. Client (`load_generator`, `client`): ours, "
     + CLIENT_MODE
-    + " (the keep-alive streaming stall of sglang-router is avoided). Hit = the engines' "
+    + " (the keep-alive streaming stall of sglang-router is avoided); for shared_prefix, "
+    "inference-perf's `shared_prefix` data generator instead when it is installed (`make bench` "
+    "installs it with Python 3.12; it runs only there), the same groups, questions and sizes in "
+    "tokens, streamed `/v1/completions` over its keep-alive pool, TTFT and latency from its "
+    "per-request report (which keeps no response header, so `imbalance_max_mean` is empty). "
+    "Hit = the engines' "
     "`cached_tokens` / prompt tokens; ideal = every prompt prefix cached after its first "
     "request (full blocks of earlier-sent prompts, capped one block short); multi-turn hits "
     "can exceed it by the cached blocks of earlier answers. TTFT is measured by the client to "
@@ -768,6 +862,7 @@ async def measure(settings: Settings, say: Callable[[str], None]) -> tuple[list[
         say(f"{len(engines)} fake engines: {', '.join(e.url for e in engines)} (events {settings.events})")
         for repeat in range(settings.repeats):
             for workload in settings.workloads:
+                generator = generator_for(settings, workload)
                 work = sessions(workload, settings.shape, settings.seed + repeat)
                 for router in routers:
                     async with front(settings, router, engines, workdir) as running:
@@ -775,11 +870,15 @@ async def measure(settings: Settings, say: Callable[[str], None]) -> tuple[list[
                         probe = functools.partial(ready, url)
                         await _poll(f"{router} at {url}", probe, running.alive, running.tail)
                         await reset_caches(session, engines)
-                        t0 = time.monotonic()
-                        results = await drive(url, work, settings.concurrency, settings.max_tokens)
-                        wall = time.monotonic() - t0
+                        if generator == "inference-perf":
+                            tag = f"{workload}-{router}-{repeat}"
+                            results, wall = await drive_inference_perf(settings, url, workdir, tag, repeat)
+                        else:
+                            t0 = time.monotonic()
+                            results = await drive(url, work, settings.concurrency, settings.max_tokens)
+                            wall = time.monotonic() - t0
                     prompts = [
-                        picker.tokenize(encoder, openai.parse(CHAT_PATH, r.body, openai.Limits()))
+                        picker.tokenize(encoder, openai.parse(r.path, r.body, openai.Limits()))
                         for r in results
                     ]
                     row = summarise(
@@ -789,6 +888,7 @@ async def measure(settings: Settings, say: Callable[[str], None]) -> tuple[list[
                         settings,
                         results,
                         ideal_cached(prompts, settings.engine.block_size),
+                        generator,
                     )
                     row["wall_s"] = round(wall, 2)
                     rows.append(row)
@@ -820,7 +920,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"target {line}")
     for line in skipped:
         print(f"skipped {line}")
-    print(f"client: {CLIENT_MODE}; load generator: {LOAD_GENERATOR}")
+    for workload in settings.workloads:
+        generator = generator_for(settings, workload)
+        described = inferenceperf.DESCRIPTION if generator == "inference-perf" else LOAD_GENERATOR
+        print(f"{workload}: load generator {described}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if rows and all(r["errors"] == 0 for r in rows) else 1

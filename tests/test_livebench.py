@@ -4,11 +4,15 @@ Envoy round robin; the peers are not installed by ``make test``)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from inference_cache import livebench
+from inference_cache import inferenceperf, livebench
+from inference_cache.extproc import openai
+
+from . import test_inferenceperf
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny-tokenizer"
@@ -91,6 +95,7 @@ async def test_smoke_ours_and_round_robin() -> None:
         concurrency=1,
         max_tokens=2,
         events="ipc",
+        load_generator="ours",
     )
     rows, skipped = await livebench.measure(settings, lambda _: None)
     assert skipped == []
@@ -118,3 +123,31 @@ def test_targets_read_the_medians() -> None:
     assert lines[1].endswith("= 0.90x (met)")
     rows[0]["ttft_p90_ms"], rows[0]["hit_ratio"] = 60.0, 0.7
     assert [line.endswith("(NOT met)") for line in livebench.targets(rows)] == [True, True]
+
+
+def test_generator_for_the_workload(tmp_path: Path) -> None:
+    exe = tmp_path / "inference-perf"
+    settings = livebench.Settings(engine=livebench.EngineSettings(tokenizer=TINY), inference_perf=exe)
+    assert livebench.generator_for(settings, "shared_prefix") == "ours"  # auto, not installed
+    exe.write_text("")
+    assert livebench.generator_for(settings, "shared_prefix") == "inference-perf"
+    assert livebench.generator_for(settings, "multiturn") == "ours"
+    ours = replace(settings, load_generator="ours")
+    assert livebench.generator_for(ours, "shared_prefix") == "ours"
+
+
+async def test_drive_inference_perf_summarises_its_report(tmp_path: Path) -> None:
+    exe = test_inferenceperf.stand_in(tmp_path)
+    settings = livebench.Settings(
+        engine=livebench.EngineSettings(tokenizer=TINY), load_generator="inference-perf", inference_perf=exe
+    )
+    results, span = await livebench.drive_inference_perf(settings, "http://127.0.0.1:1", tmp_path, "t", 0)
+    assert [r.order for r in results] == list(range(6))
+    assert all(r.path == inferenceperf.PATH and r.engine is None for r in results)
+    assert 0 < span < 10
+    parsed = [openai.parse(r.path, r.body, openai.Limits()) for r in results]
+    assert len(parsed) == 6
+    row = livebench.summarise("ours", "shared_prefix", 0, settings, results, [0] * 6, "inference-perf")
+    assert row["load_generator"] == inferenceperf.DESCRIPTION
+    assert (row["prompt_tokens"], row["cached_tokens"]) == (6 * 46, 4 * 32)
+    assert row["imbalance_max_mean"] is None
