@@ -51,6 +51,8 @@ IDENTITY: dict[str, tuple[str, ...]] = {
 }
 #: Columns that only number repeats (dropped from tables).
 REPEAT_KEYS = ("repeat", "seed")
+#: Per bench: long descriptive columns listed per workload under the table instead.
+BY_WORKLOAD: dict[str, tuple[str, ...]] = {"live": ("load_generator", "client")}
 TITLES = {
     "machine": "Machine",
     "routing": "Routing simulation (`bench routing`)",
@@ -141,7 +143,8 @@ def chart_link(chart: benchcharts.Chart, drawn: bool) -> str:
 
 def bench_section(name: str, command: str, rows: Sequence[Row], files: int, chart: str = "") -> str:
     identity = IDENTITY.get(name, ())
-    merged = aggregate(rows, identity)
+    moved = BY_WORKLOAD.get(name, ())
+    merged = [{k: v for k, v in r.items() if k not in moved} for r in aggregate(rows, identity)]
     repeats = max((int(r["repeats"]) for r in merged), default=0)
     runs = f"{files} JSON file{'s' if files != 1 else ''}, {repeats} repeat{'s' if repeats != 1 else ''}" + (
         "; medians with (min–max) over the repeats" if repeats > 1 else ""
@@ -158,9 +161,22 @@ def bench_section(name: str, command: str, rows: Sequence[Row], files: int, char
             "",
             table(merged, identity),
             *(["", chart] if chart else []),
+            *by_workload(rows, moved),
             *_extras(name, rows),
         ]
     )
+
+
+def by_workload(rows: Sequence[Row], columns: Sequence[str]) -> list[str]:
+    """Lines naming ``columns``' values per workload (``bench live``: which client ran)."""
+    seen: dict[str, dict[str, str]] = {}
+    for row in rows:
+        values = {c: str(row[c]) for c in columns if row.get(c) is not None}
+        if values:
+            seen.setdefault(str(row.get("workload", "")), values)
+    if not seen:
+        return []
+    return ["", *(f"- {w}: " + "; ".join(f"{c}: {v}" for c, v in vs.items()) for w, vs in seen.items())]
 
 
 def _extras(name: str, rows: Sequence[Row]) -> list[str]:
@@ -190,7 +206,19 @@ def machine_section(facts: Mapping[str, str], profile: str, charts: str) -> str:
         "",
     ]
     lines += [f"- **{k}**: {v}" for k, v in facts.items()]
-    lines += ["", f"Charts (TTFT p90 and hit ratio by router; latency vs prompt length): {charts}."]
+    lines += [
+        "",
+        f"**Charts** (TTFT p90 and hit ratio by router; latency vs prompt length): {charts}. "
+        "Drawn by `inference_cache.benchcharts` with matplotlib (the `bench` extra, which "
+        "`make bench` installs) at a fixed size with no time or software metadata, so the same "
+        "JSON gives the same PNG bytes; without matplotlib the tables are still written.",
+        "",
+        "**Load generator** (`bench live`): our aiohttp client, except for the shared-prefix "
+        "workload when inference-perf is installed (`make peers`, part of `make bench`, puts it "
+        "in `.tools/inference-perf` with a Python 3.12): then its `shared_prefix` data generator "
+        "sends the same groups, questions and sizes. It runs only in `make bench`/`make bench-full` "
+        "(the tests parse a recorded report); the live section says which ran per workload.",
+    ]
     return "\n".join(lines)
 
 

@@ -163,3 +163,30 @@ def test_run_without_matplotlib_writes_the_tables(tmp_path: Path, monkeypatch: p
     assert "skipped, matplotlib is not installed" in text
     assert ".png" not in text
     assert not (tmp_path / "docs" / "img").exists()
+
+
+def test_live_section_names_the_load_generator_per_workload() -> None:
+    figures = dict.fromkeys(
+        ("hit_ratio", "ideal_hit_ratio", "hit_over_ideal", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms"), 1.0
+    ) | {"ttft_p99_ms": 1.0, "latency_p50_ms": 1.0, "imbalance_max_mean": None, "errors": 0}
+    rows = [
+        {
+            "router": "ours",
+            "workload": "shared_prefix",
+            **figures,
+            "load_generator": "inference-perf 0.7.0",
+            "client": "pool",
+        },
+        {
+            "router": "ours",
+            "workload": "multiturn",
+            **figures,
+            "load_generator": "own (aiohttp)",
+            "client": "fresh",
+        },
+    ]
+    text = benchreport.bench_section("live", "cmd", rows, 1)
+    header = next(line for line in text.splitlines() if line.startswith("| router"))
+    assert "load_generator" not in header and "client" not in header
+    assert "- shared_prefix: load_generator: inference-perf 0.7.0; client: pool" in text
+    assert "- multiturn: load_generator: own (aiohttp); client: fresh" in text
