@@ -9,20 +9,23 @@ the API with its own client for watching; everything the handlers do goes throug
 Objects are plain JSON dicts (what the pure functions consume and produce), addressed by
 ``(apiVersion, kind, namespace, name)``; the REST path is built from a plural table (our
 CRDs' declared plurals plus Kubernetes' own kind-to-resource guess), so no discovery
-round-trips happen. All methods are synchronous: kopf runs sync handlers in its thread pool.
+round-trips happen. All methods are synchronous: kopf runs sync handlers in its thread pool
+(and serve's endpoint discovery calls :meth:`Kube.list_versioned` and :meth:`Kube.watch`
+from worker threads; :meth:`WatchStream.close` unblocks a thread reading a watch).
 
 Errors are translated once, here: every HTTP failure becomes a :class:`KubeError`
 subclass (:class:`NotFound`, :class:`Conflict`, :class:`Forbidden`, :class:`Invalid`,
-:class:`Unavailable`); callers never see ``ApiException`` or urllib3 errors. Only the
+:class:`Unavailable`, :class:`Gone`); callers never see ``ApiException`` or urllib3 errors. Only the
 ``message`` of a ``kind: Status`` body is kept (other bodies may echo what we sent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import urllib3
@@ -31,6 +34,8 @@ from kubernetes import client as k8s
 from inference_cache.operator import crds
 
 Obj = dict[str, Any]
+#: A list of objects (an alias: inside :class:`Kube`, ``list`` is the method).
+Objs = list[Obj]
 
 FIELD_MANAGER: Final = "inference-cache-operator"
 #: ``source.component`` / ``reportingComponent`` of the Events we post.
@@ -72,6 +77,10 @@ class Forbidden(KubeError):
     """401/403: RBAC (or authentication) does not allow the call."""
 
 
+class Gone(KubeError):
+    """410: a watch's ``resourceVersion`` is too old (compacted); list again."""
+
+
 class Invalid(KubeError):
     """400/422: the object or patch was rejected by validation."""
 
@@ -85,6 +94,8 @@ def _error_class(status: int) -> type[KubeError]:
         return NotFound
     if status == 409:
         return Conflict
+    if status == 410:
+        return Gone
     if status in (401, 403):
         return Forbidden
     if status in (400, 422):
@@ -156,6 +167,48 @@ def selector_string(selector: str | Mapping[str, str] | None) -> str | None:
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
+class WatchStream:
+    """The events of one open watch: ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK, "object":
+    {...}}`` with ``apiVersion`` and ``kind`` filled in. Iteration ends when the server ends
+    the watch; an ``ERROR`` event raises its :class:`KubeError` (:class:`Gone` for 410), a
+    broken connection :class:`Unavailable`. :meth:`close` may be called from another thread
+    to unblock a read in progress (the iteration then ends or raises :class:`Unavailable`)."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse, api_version: str, kind: str, what: str) -> None:
+        self._response = response
+        self._api_version = api_version
+        self._kind = kind
+        self._what = what
+
+    def __iter__(self) -> Iterator[Obj]:
+        try:
+            for line in self._response:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    continue
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":
+                    code = int(obj.get("code") or 0)
+                    message = str(obj.get("message") or obj.get("reason") or "")[:_ERROR_MESSAGE_MAX]
+                    raise _error_class(code)(f"{self._what}: {code} {message}", status=code or None)
+                yield {
+                    "type": event.get("type"),
+                    "object": {"apiVersion": self._api_version, "kind": self._kind, **obj},
+                }
+        # AttributeError: close() from another thread mid-read (urllib3 drops its file).
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError) as e:
+            raise Unavailable(f"{self._what}: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        """Shut the connection down (thread-safe: a blocked read returns) and close it (a
+        watch connection is never reused)."""
+        with contextlib.suppress(Exception):  # already closed: nothing to shut
+            self._response.shutdown()
+        self._response.close()
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -176,7 +229,7 @@ class Kube:
 
     # -- the one place HTTP happens --------------------------------------------------
 
-    def _call(
+    def _request(
         self,
         method: str,
         path: str,
@@ -184,7 +237,10 @@ class Kube:
         query: Sequence[tuple[str, str]] = (),
         body: object = None,
         content_type: str | None = None,
-    ) -> Obj:
+        timeout: float | tuple[float, float] | None = None,
+    ) -> Any:
+        """Send one request; the response (status checked, body not read yet) or a
+        :class:`KubeError`."""
         headers = {"Accept": "application/json"}
         if content_type is not None:
             headers["Content-Type"] = content_type
@@ -198,18 +254,34 @@ class Kube:
         )
         what = f"{method} {path}"
         try:
-            response = self._api.call_api(*request, _request_timeout=self._timeout_s)
-            data = response.read()  # type: ignore[no-untyped-call]  # untyped in kubernetes
+            response = self._api.call_api(*request, _request_timeout=timeout or self._timeout_s)
+            status = int(response.status)
+            if not 200 <= status <= 299:
+                data = response.read()  # type: ignore[no-untyped-call]  # untyped in kubernetes
+                message = _status_message(data) or str(response.reason or "")
+                raise _error_class(status)(f"{what}: {status} {message}", status=status)
         except k8s.ApiException as e:  # raised by the REST layer for some failures
             status = int(e.status or 0)
             message = _status_message(e.body) or str(e.reason or "")
             raise _error_class(status)(f"{what}: {status} {message}", status=status or None) from e
         except urllib3.exceptions.HTTPError as e:
             raise Unavailable(f"{what}: {type(e).__name__}: {e}") from e
-        status = int(response.status)
-        if not 200 <= status <= 299:
-            message = _status_message(data) or str(response.reason or "")
-            raise _error_class(status)(f"{what}: {status} {message}", status=status)
+        return response
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        body: object = None,
+        content_type: str | None = None,
+    ) -> Obj:
+        response = self._request(method, path, query=query, body=body, content_type=content_type)
+        try:
+            data = response.read()
+        except urllib3.exceptions.HTTPError as e:
+            raise Unavailable(f"{method} {path}: {type(e).__name__}: {e}") from e
         if not data:
             return {}
         parsed = json.loads(data)
@@ -234,20 +306,54 @@ class Kube:
     ) -> list[Obj]:
         """Every object of ``kind`` (in ``namespace``, or all namespaces with ``None``), each
         with ``apiVersion`` and ``kind`` filled in (list items lack them). Paginated."""
+        return self.list_versioned(api_version, kind, namespace=namespace, label_selector=label_selector)[0]
+
+    def list_versioned(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        label_selector: str | Mapping[str, str] | None = None,
+    ) -> tuple[Objs, str]:
+        """:meth:`list`, plus the list's ``resourceVersion`` (where a :meth:`watch` starts)."""
         query: list[tuple[str, str]] = [("limit", str(_LIST_PAGE))]
         selector = selector_string(label_selector)
         if selector:
             query.append(("labelSelector", selector))
         path = resource_path(api_version, kind, namespace)
-        items: list[Obj] = []
+        items: Objs = []
         token = ""
         while True:
             page = self._call("GET", path, query=[*query, ("continue", token)] if token else query)
             for item in page.get("items") or []:
                 items.append({"apiVersion": api_version, "kind": kind, **item})
-            token = (page.get("metadata") or {}).get("continue") or ""
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
             if not token:
-                return items
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        resource_version: str = "",
+        timeout_s: float = 300.0,
+    ) -> WatchStream:
+        """Open a watch of ``kind`` from ``resource_version`` (the server ends it after
+        ``timeout_s``); iterate the returned :class:`WatchStream` for its events."""
+        query = [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(int(timeout_s)))]
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        path = resource_path(api_version, kind, namespace)
+        # No read timeout beyond the server's own end of the watch (plus slack): a quiet
+        # watch is not a dead one. The connect timeout is the adapter's.
+        response = self._request(
+            "GET", path, query=query, timeout=(self._timeout_s, timeout_s + self._timeout_s)
+        )
+        return WatchStream(response.response, api_version, kind, f"WATCH {path}")
 
     def apply(self, obj: Mapping[str, Any], *, field_manager: str = FIELD_MANAGER) -> Obj:
         """Server-side apply of ``obj`` (create or update, ``force``: we own the fields we

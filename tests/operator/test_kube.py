@@ -6,6 +6,7 @@ the mock serves on the test's event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from typing import Any
 
@@ -156,7 +157,7 @@ async def test_create_and_conflict(kmock: kmock.KubernetesEmulator, k: kube.Kube
         (403, kube.Forbidden),
         (404, kube.NotFound),
         (409, kube.Conflict),
-        (410, kube.KubeError),
+        (410, kube.Gone),
         (422, kube.Invalid),
         (429, kube.Unavailable),
         (500, kube.Unavailable),
@@ -190,6 +191,71 @@ def test_connection_failure_is_unavailable(unused_tcp_port: int) -> None:
     config.retries = 0
     with k8s.ApiClient(config) as api, pytest.raises(kube.Unavailable):
         kube.Kube(api, timeout_s=5).get("v1", "Pod", "ns", "p")
+
+
+@scripted
+async def test_list_versioned_returns_the_lists_resource_version(
+    kmock: kmock.KubernetesEmulator, k: kube.Kube
+) -> None:
+    kmock["list", DEPLOYMENTS] << {
+        "metadata": {"resourceVersion": "42"},
+        "items": [{"metadata": {"name": "a"}}],
+    }
+    items, version = await asyncio.to_thread(k.list_versioned, "apps/v1", "Deployment")
+    assert version == "42"
+    assert [(i["kind"], i["metadata"]["name"]) for i in items] == [("Deployment", "a")]
+
+
+@scripted
+async def test_watch_streams_events_from_a_resource_version(
+    kmock: kmock.KubernetesEmulator, k: kube.Kube
+) -> None:
+    kmock["watch", DEPLOYMENTS] << (
+        {"type": "ADDED", "object": {"metadata": {"name": "a", "resourceVersion": "43"}}},
+        b"\n",
+        {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "44"}}},
+    )
+
+    def read() -> list[dict[str, Any]]:
+        return list(k.watch("apps/v1", "Deployment", namespace="ns", resource_version="42", timeout_s=60))
+
+    events = await asyncio.to_thread(read)
+    assert [(e["type"], e["object"]["kind"], e["object"]["metadata"]["resourceVersion"]) for e in events] == [
+        ("ADDED", "Deployment", "43"),
+        ("BOOKMARK", "Deployment", "44"),
+    ]
+    (req,) = kmock["watch"]
+    assert req.url.path == "/apis/apps/v1/namespaces/ns/deployments"
+    assert req.params == {
+        "watch": "true",
+        "allowWatchBookmarks": "true",
+        "timeoutSeconds": "60",
+        "resourceVersion": "42",
+    }
+
+
+@scripted
+@pytest.mark.parametrize(("code", "error"), [(410, kube.Gone), (500, kube.Unavailable)])
+async def test_a_watch_error_event_raises(
+    kmock: kmock.KubernetesEmulator, k: kube.Kube, code: int, error: type[kube.KubeError]
+) -> None:
+    kmock["watch", DEPLOYMENTS] << ({"type": "ERROR", "object": status(code, "too old resource version")},)
+    with pytest.raises(error, match="too old resource version"):
+        await asyncio.to_thread(lambda: list(k.watch("apps/v1", "Deployment", resource_version="1")))
+
+
+async def test_closing_a_watch_unblocks_its_reader(kmock: kmock.KubernetesEmulator, k: kube.Kube) -> None:
+    """The emulator's watch never ends by itself: only close() lets the reader go."""
+    kmock.objects[DEPLOYMENTS, "ns", "a"] = {"metadata": {"name": "a", "namespace": "ns"}}
+    stream = await asyncio.to_thread(k.watch, "apps/v1", "Deployment")
+    events = iter(stream)
+    first = await asyncio.to_thread(next, events)
+    assert first["object"]["metadata"]["name"] == "a"
+    blocked = asyncio.ensure_future(asyncio.to_thread(lambda: list(events)))
+    stream.close()
+    async with asyncio.timeout(10):
+        with contextlib.suppress(kube.Unavailable):  # ended or broken: either way released
+            assert await blocked == []
 
 
 async def test_post_event(kmock: kmock.KubernetesEmulator, k: kube.Kube) -> None:
