@@ -123,12 +123,14 @@ demo: venv tokenizer envoy
 	$(VENV)/bin/inference-cache demo
 
 # Peer routers for `bench live` (sglang-router, vllm-router), each in .tools/peers/<name>.
+# sglang-router, vllm-router and inference-perf (the last needs a python3.12; skipped without one).
 peers:
 	-$(PYTHON) hack/peers.py
 
-# `make bench`: a quick profile (about 3 minutes here once peers are installed) of routing,
-# live, extproc and index; `make bench-full`: the whole matrix with repeats. Both rewrite the
-# generated sections of docs/benchmarks.md (inference_cache/benchreport.py).
+# `make bench`: a quick profile (about 8 minutes here once peers are installed: inference-perf,
+# the shared-prefix client of `bench live`, starts in ~10 s per run) of routing, live, extproc
+# and index; `make bench-full`: the whole matrix with repeats. Both rewrite the generated
+# sections of docs/benchmarks.md and its charts docs/img/bench-*.png (inference_cache/benchreport.py).
 BENCH_OUT := bench-results
 REPORT    := $(PY) -m inference_cache.benchreport --doc docs/benchmarks.md
 Q_ROUTING := inference-cache bench routing --json $(BENCH_OUT)/routing.json
