@@ -207,7 +207,8 @@ class Index:
 
     def add_eviction_listener(self, listener: EvictionListener) -> None:
         """Call ``listener(scope, replica_id, keys)`` for entries the index itself evicted
-        (entry cap, tenant quota, TTL sweep), batched per write or sweep, after the lock is
+        (entry cap, tenant quota, TTL sweep) or a ``PREFIX_EVICTED`` event removed (engine
+        ``BlockRemoved`` events reach their own sinks), batched per write or sweep, after the lock is
         released, in the writer's thread (auxiliary indexes drop what the index dropped)."""
         self._eviction_listeners.append(listener)
 
@@ -346,6 +347,7 @@ class Index:
                     rs = sc.replicas.get(r)
                     if sc.key.adapter == event.adapter and rs is not None and event.prefix_hash in rs.entries:
                         self._remove_locked(rs, event.prefix_hash, events)
+                        self._note_evicted_locked(rs, event.prefix_hash)
                         self._prune_locked(rs)
             elif event.type == types.EventType.ALL_CLEARED:
                 for sc in list(self._by_tm.get((t, m), ())):
@@ -358,6 +360,7 @@ class Index:
                     self._drop_stat_index(t, m, r)
                 if events is not None:
                     events.append(types.Event(types.EventType.ALL_CLEARED, r, m, t, timestamp=ts_us / 1e6))
+        self._fire_evictions()
         if event.type == types.EventType.ALL_CLEARED:
             for cleared in list(self._clear_listeners):
                 cleared(r, m, t)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from inference_cache import config, tokenizer
 from inference_cache.extproc import serve
 from inference_cache.index import fingerprint, policy, store, types
@@ -98,10 +96,6 @@ def test_a_cleared_replica_drops_its_byte_entries_only() -> None:
     assert held(s, B) == 0 and s.byte_indexes[MODEL].entries == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Index.apply_event(PREFIX_EVICTED) does not tell the eviction listeners (index/store.py)",
-)
 def test_a_published_prefix_eviction_drops_the_byte_entry() -> None:
     s = server(Clock())
     keys = feed(s, A)
@@ -118,4 +112,3 @@ def test_stale_byte_entries_never_claim_what_the_index_dropped() -> None:
     s.index.blocks_removed(SCOPE, A, keys[1:])  # the index alone (as PREFIX_EVICTED does today)
     assert held(s, A) == len(keys)
     assert [m.matched_blocks for m in s.index.longest_prefix(SCOPE, keys)] == [1]
-
