@@ -50,7 +50,13 @@ INSTANCE_LABEL: Final = "app.kubernetes.io/instance"
 BACKEND_TYPE_LABEL: Final = f"{GROUP}/backend-type"
 #: ``"false"`` (exactly) on the CacheBackend disables the first-KV-event gate.
 REQUIRE_KV_EVENTS_ANNOTATION: Final = f"{GROUP}/require-kv-events"
+#: Set by the pod webhook on every pod it injects (``ns/name`` of the CacheBackend).
 INJECTED_BY_ANNOTATION: Final = f"{GROUP}/injected-by"
+#: A pod carrying it (any value but a falsey one) opts out of the injection.
+SKIP_INJECT_ANNOTATION: Final = f"{GROUP}/skip-inject"
+_FALSEY: Final = frozenset({"0", "f", "false", "no", "off", "disable", "disabled"})
+#: At most this many names in ``status.uninjectedEnginePods`` and its Event.
+UNINJECTED_LIST_MAX: Final = 20
 
 TYPE_LMCACHE: Final = "LMCache"
 TYPE_EXTERNAL: Final = "External"
@@ -580,6 +586,50 @@ def matched_engine_pods(backend: Mapping[str, Any], pods: Iterable[Mapping[str, 
     return sum(1 for p in pods if p["metadata"].get("namespace") == namespace and selects(selector, p))
 
 
+def opted_out(value: object) -> bool:
+    """A ``skip-inject`` annotation value that opts out (present, not empty, not falsey)."""
+    if value is None or value == "":
+        return False
+    return str(value).strip().lower() not in _FALSEY
+
+
+def uninjected_engine_pods(backend: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Names (sorted) of the namespace's pods matching ``engineSelector`` that carry neither
+    our ``injected-by`` annotation nor an opt-out: created while no pod webhook answered (it
+    fails open: operator down, a failover). Pods cannot be mutated after creation; they get
+    the injection when restarted. Pods being deleted are left out."""
+    selector = match_labels(backend)
+    namespace = backend["metadata"]["namespace"]
+    names = []
+    for p in pods:
+        meta = p.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        if (
+            meta.get("namespace") == namespace
+            and not meta.get("deletionTimestamp")
+            and selects(selector, p)
+            and INJECTED_BY_ANNOTATION not in annotations
+            and not opted_out(annotations.get(SKIP_INJECT_ANNOTATION))
+        ):
+            names.append(str(meta.get("name", "")))
+    return sorted(names)
+
+
+def _uninjected_events(old: object, now: Sequence[str], total: int) -> tuple[Event, ...]:
+    """Transition-only: a Warning when the listed pods change to a non-empty set."""
+    if not now or list(now) == (old if isinstance(old, list) else []):
+        return ()
+    more = f" (and {total - len(now)} more)" if total > len(now) else ""
+    return (
+        Event(
+            "Warning",
+            "EnginePodsNotInjected",
+            f"{total} engine pod(s) were created without the inference-cache injection (no pod "
+            f"webhook answered); restart them to inject: {', '.join(now)}{more}",
+        ),
+    )
+
+
 def _resolve(spec: Mapping[str, Any]) -> tuple[str, str]:
     engine = ((spec.get("integration") or {}).get("engine") or "vllm").lower()
     return engine, spec.get("type") or TYPE_LMCACHE
@@ -599,6 +649,10 @@ def desired_backend(
     old_status = backend.get("status") or {}
     status: Obj = {"failOpen": _fail_open(spec), "matchedEnginePods": matched}
     events = list(_fail_open_events(backend))
+    uninjected = uninjected_engine_pods(backend, observed.pods)
+    listed = uninjected[:UNINJECTED_LIST_MAX]
+    status["uninjectedEnginePods"] = listed or None
+    events += _uninjected_events(old_status.get("uninjectedEnginePods"), listed, len(uninjected))
     resync = (
         settings.resync_s if matched is not None or old_status.get("matchedEnginePods") is not None else None
     )

@@ -455,6 +455,11 @@ def _backend_status() -> JSON:
             "endpoint": _str("Where engines reach the cache server (host:port)."),
             "capacity": _str("Reserved; always empty."),
             "matchedEnginePods": _int32("Pods matching engineSelector at the last reconcile.", minimum=0),
+            "uninjectedEnginePods": _str_list(
+                "Matching engine pods created without the webhook's injection (first 20 names); "
+                "restart them to inject.",
+                maxItems=20,
+            ),
             "failOpen": _bool("The effective integration.failOpen."),
             "observedGeneration": _observed_generation(),
             "firstKVEventObservedAt": _time("When the index first saw a KV event from the engines."),

@@ -54,11 +54,16 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from inference_cache.durations import parse as parse_duration
-from inference_cache.operator.backend import endpoint_shape_error
+from inference_cache.operator.backend import (
+    INJECTED_BY_ANNOTATION,
+    SKIP_INJECT_ANNOTATION,
+    endpoint_shape_error,
+    opted_out,
+)
 from inference_cache.operator.gateway import DEFAULT_BODY_MODE, DEFAULT_FAIL_OPEN
 
-ANNOTATION_SKIP: Final = "inferencecache.io/skip-inject"
-ANNOTATION_INJECTED_BY: Final = "inferencecache.io/injected-by"
+ANNOTATION_SKIP: Final = SKIP_INJECT_ANNOTATION
+ANNOTATION_INJECTED_BY: Final = INJECTED_BY_ANNOTATION
 ANNOTATION_INJECTED_BY_UID: Final = "inferencecache.io/injected-by-uid"
 ANNOTATION_INJECTED_BY_SIGNATURE: Final = "inferencecache.io/injected-by-signature"
 _OUR_ANNOTATIONS: Final = (
@@ -83,7 +88,6 @@ _LMCACHE_TYPES: Final = ("LMCache", "External")
 #: (engine, type) pairs with an injection; the validator's supported-pairs message.
 SUPPORTED_PAIRS: Final = (("vllm", "External"), ("vllm", "LMCache"), ("vllm", "None"))
 _SHELLS: Final = frozenset({"sh", "bash", "ash", "dash", "zsh"})
-_FALSEY: Final = frozenset({"0", "f", "false", "no", "off", "disable", "disabled"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +175,7 @@ def _skip(pod: Mapping[str, Any], reason: str, warnings: Iterable[str] = ()) -> 
 
 def _mutate(pod: Mapping[str, Any], backend: Mapping[str, Any] | None, settings: WebhookSettings) -> Mutation:
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    if _opted_out(annotations.get(ANNOTATION_SKIP)):
+    if opted_out(annotations.get(ANNOTATION_SKIP)):
         return _skip(pod, f"the pod opts out ({ANNOTATION_SKIP})")
     if backend is None:
         return _skip(pod, "no CacheBackend selects this pod")
@@ -230,12 +234,6 @@ def _port_of(endpoint: str) -> int | None:
     """``tcp://*:5557`` -> 5557 (vLLM binds ``*``); anything else -> None."""
     match = re.fullmatch(r"tcp://\*:(\d{1,5})", endpoint)
     return int(match.group(1)) if match and 0 < int(match.group(1)) < 65536 else None
-
-
-def _opted_out(value: object) -> bool:
-    if value is None or value == "":
-        return False
-    return str(value).strip().lower() not in _FALSEY
 
 
 def _engine_index(containers: list[dict[str, Any]], name: str) -> int:

@@ -51,10 +51,18 @@ def cr(
 
 
 def pod(name: str, ip: str, *, ready: bool = True, namespace: str = "llm", **labels: str) -> dict[str, Any]:
+    """A pod; with the default labels an engine pod of ``cache`` as its webhook left it
+    (annotated ``injected-by``)."""
+    annotations = {} if labels else {bk.INJECTED_BY_ANNOTATION: f"{namespace}/cache"}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": "vllm"}},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels or {"app": "vllm"},
+            "annotations": annotations,
+        },
         "status": {
             "phase": "Running",
             "podIP": ip,
@@ -671,3 +679,83 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         bk.parse_duration(text)
+
+
+# -- engine pods created without the webhook's injection ---------------------------------------
+
+
+def annotated(p: dict[str, Any], **annotations: str) -> dict[str, Any]:
+    """``p`` with exactly these annotations (none: created while no webhook answered)."""
+    p["metadata"]["annotations"] = annotations
+    return p
+
+
+def bare(name: str, ip: str, **kw: Any) -> dict[str, Any]:
+    return annotated(pod(name, ip, **kw))
+
+
+INJECTED = {bk.INJECTED_BY_ANNOTATION: "llm/cache"}
+
+
+@pytest.mark.parametrize(
+    ("pods", "names"),
+    [
+        pytest.param([annotated(pod("a", "10.0.0.1"), **INJECTED)], [], id="injected"),
+        pytest.param([bare("b", "10.0.0.2"), bare("a", "10.0.0.1")], ["a", "b"], id="not-injected-sorted"),
+        pytest.param(
+            [annotated(pod("a", "10.0.0.1"), **{bk.SKIP_INJECT_ANNOTATION: "true"})], [], id="opted-out"
+        ),
+        pytest.param(
+            [annotated(pod("a", "10.0.0.1"), **{bk.SKIP_INJECT_ANNOTATION: "false"})], ["a"], id="falsey-skip"
+        ),
+        pytest.param([bare("a", "10.0.0.1", app="other")], [], id="not-selected"),
+        pytest.param([bare("a", "10.0.0.1", namespace="elsewhere")], [], id="other-namespace"),
+        pytest.param([bare("a", "10.0.0.1", ready=False)], ["a"], id="not-ready-counts"),
+    ],
+)
+def test_uninjected_engine_pods(pods: list[dict[str, Any]], names: list[str]) -> None:
+    assert bk.uninjected_engine_pods(cr(), pods) == names
+
+
+def test_a_pod_being_deleted_is_not_reported() -> None:
+    p = bare("a", "10.0.0.1")
+    p["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert bk.uninjected_engine_pods(cr(), [p]) == []
+
+
+def _uninjected_plan(previous: list[str] | None, pods: list[dict[str, Any]]) -> bk.BackendPlan:
+    status = {"uninjectedEnginePods": previous} if previous else None
+    backend = cr(type="External", endpoint="h:1", status=status)
+    return bk.desired_backend(backend, bk.Observed(pods=tuple(pods)), SETTINGS, NOW)
+
+
+@pytest.mark.parametrize(
+    ("previous", "pods", "listed", "warned"),
+    [
+        pytest.param(None, [bare("a", "10.0.0.1")], ["a"], True, id="appears"),
+        pytest.param(["a"], [bare("a", "10.0.0.1")], ["a"], False, id="unchanged-no-event"),
+        pytest.param(["a"], [bare("a", "10.0.0.1"), bare("b", "10.0.0.2")], ["a", "b"], True, id="grows"),
+        pytest.param(
+            ["a"], [annotated(pod("a", "10.0.0.1"), **INJECTED)], None, False, id="restarted-cleared"
+        ),
+        pytest.param(None, [], None, False, id="none"),
+    ],
+)
+def test_uninjected_status_and_transition_only_warning(
+    previous: list[str] | None, pods: list[dict[str, Any]], listed: list[str] | None, warned: bool
+) -> None:
+    plan = _uninjected_plan(previous, pods)
+    assert plan.status["uninjectedEnginePods"] == listed
+    warnings = [e for e in plan.events if e.reason == "EnginePodsNotInjected"]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert warnings[0].type == "Warning"
+        assert all(name in warnings[0].message for name in listed or [])
+
+
+def test_uninjected_list_is_capped_and_the_event_counts_the_rest() -> None:
+    pods = [bare(f"p{i:02}", f"10.0.0.{i}") for i in range(bk.UNINJECTED_LIST_MAX + 3)]
+    plan = _uninjected_plan(None, pods)
+    assert len(plan.status["uninjectedEnginePods"]) == bk.UNINJECTED_LIST_MAX
+    (warning,) = [e for e in plan.events if e.reason == "EnginePodsNotInjected"]
+    assert "and 3 more" in warning.message
