@@ -24,10 +24,11 @@ What each router sees:
   cleared at first token, blocks freed at finish).
 - ``ours``: the ext_proc picker's own parts, imported: ``scoring.rank`` over
   ``scoring.Candidate`` views built as ``EndpointPicker.rank`` builds them (KV-event index
-  match, max'ed with ``SpeculativeIndex.match_tokens``, capped one block short of the prompt;
-  ``InflightTracker.load`` and the gauges it observed), then ``EndpointPicker._decide``'s
-  bookkeeping (``InflightTracker.begin`` with the uncached tokens, ``SpeculativeIndex.record``;
-  ``end`` at finish). The clock is the simulation's.
+  match, max'ed with ``SpeculativeIndex.match_tokens`` continued from it, capped one block
+  short of the prompt; ``InflightTracker.load`` and the gauges it observed), then
+  ``EndpointPicker._decide``'s bookkeeping (``InflightTracker.begin`` with the uncached
+  tokens, ``SpeculativeIndex.record`` of the blocks past the index's match; ``end`` at
+  finish). The clock is the simulation's.
 """
 
 from __future__ import annotations
@@ -309,16 +310,19 @@ class Ours(_Base):
     def decide(self, req: Request) -> tuple[int, object]:
         bs = self.fleet.block_tokens
         keys = [b.to_bytes(8, "big") for b in req.blocks]
-        matched = {self.ids[r]: n * bs for r, n in self.fleet.index.match(req.blocks).items()}
+        indexed = {self.ids[r]: n for r, n in self.fleet.index.match(req.blocks).items()}
+        matched = {name: n * bs for name, n in indexed.items()}
         if keys:
-            for name, n in self.speculative.match_tokens(_SCOPE, keys).items():
+            for name, n in self.speculative.match_tokens(_SCOPE, keys, indexed).items():
                 matched[name] = max(matched.get(name, 0), n)
         views = self.inflight.candidates(self.ids, matched, scoring.hit_cap(req.input_tokens, bs))
         seed = keys[0] if keys else req.input_tokens.to_bytes(8, "big")
         chosen = scoring.rank(views, req.input_tokens, self.settings, seed=seed)[0]
         ticket = self.inflight.begin(chosen.replica_id, max(req.input_tokens - chosen.matched_tokens, 1))
         if keys:
-            self.speculative.record(_SCOPE, chosen.replica_id, keys, bs)
+            self.speculative.record(
+                _SCOPE, chosen.replica_id, keys, bs, start=indexed.get(chosen.replica_id, 0)
+            )
         return self._rid[chosen.replica_id], ticket
 
     def finished(self, handle: object) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 
@@ -81,12 +82,76 @@ def test_load_wins_when_the_cached_replica_is_saturated() -> None:
 
 
 def test_our_inflight_prefill_backlog_sheds_too() -> None:
-    # 8192 cached tokens save 819.2 ms; a backlog of more tokens than that sends us away.
+    # By predicted TTFT alone (no congestion price): 8192 cached tokens save 819.2 ms; a
+    # backlog of more tokens than that sends us away.
+    s = ScoringSettings(recompute_congestion_weight=0)
+
     def winner(backlog: int) -> str:
-        return best([Candidate("warm", 8192, inflight_prefill_tokens=backlog), Candidate("idle")], 8500)
+        cands = [Candidate("warm", 8192, inflight_prefill_tokens=backlog), Candidate("idle")]
+        return scoring.rank(cands, 8500, s, seed=b"seed")[0].replica_id
 
     assert winner(8000) == "warm"
     assert winner(8300) == "idle"
+
+
+def test_congestion_prices_recomputing_so_a_backlogged_holder_keeps_its_prefix() -> None:
+    # Default weight 2 per second of mean backlog; two candidates, so the price of each
+    # prefill ms is k = 2 * (backlog / 2) / 10,000 tokens/s. The warm replica wins while
+    # backlog/10 + (1 + k) * 30.8 < (1 + k) * 850, i.e. below 819.2 / (0.1 - 0.08192) ms
+    # (prefix affinity off, so that the break-even is the cost's alone).
+    s = ScoringSettings(affinity_tolerance_ms=0)
+    break_even = 819.2 / (0.1 - 819.2 / 10_000)
+    assert 45_300 < break_even < 45_320
+
+    def ranked(backlog: int) -> list[scoring.Scored]:
+        return scoring.rank(
+            [Candidate("warm", 8192, inflight_prefill_tokens=backlog), Candidate("idle")],
+            8500,
+            s,
+            seed=b"seed",
+        )
+
+    assert ranked(45_300)[0].replica_id == "warm"
+    assert ranked(45_320)[0].replica_id == "idle"
+    # The prediction itself is unchanged: only the ranking cost carries the price.
+    warm = next(x for x in ranked(20_000) if x.replica_id == "warm")
+    assert warm.predicted_ttft_ms == pytest.approx(2000 + 30.8)
+    assert warm.cost_ms == pytest.approx(warm.predicted_ttft_ms + 2.0 * 30.8)  # k = 2 * 10,000 / 10,000
+
+
+def test_congestion_is_the_weighted_mean_backlog_in_seconds() -> None:
+    cands = [
+        Candidate("a", inflight_prefill_tokens=30_000),
+        Candidate("b", inflight_prefill_tokens=-5),
+        Candidate("c"),
+    ]
+    assert scoring.congestion(cands, S) == pytest.approx(2.0 * (30_000 / 3) / 10_000)
+    assert scoring.congestion(cands, ScoringSettings(recompute_congestion_weight=0)) == 0.0
+    assert scoring.congestion([], S) == 0.0
+    assert scoring.congestion([Candidate("idle")], S) == 0.0
+    alone = scoring.predict(Candidate("a", 100), 1000, S)
+    assert alone.cost_ms == alone.predicted_ttft_ms  # no fleet context: no price
+
+
+def test_congestion_never_reorders_candidates_with_equal_matches() -> None:
+    # Equal matches mean equal prefill everywhere: the price shifts every cost alike.
+    rng = random.Random(7)
+    flat = ScoringSettings(recompute_congestion_weight=0)
+    for n in range(200):
+        matched = rng.choice([0, 512, 4096])
+        cands = [
+            Candidate(
+                f"r{i}",
+                matched,
+                inflight_requests=rng.randrange(10),
+                inflight_prefill_tokens=rng.randrange(50_000),
+                engine_waiting=rng.choice([None, 0.0, 2.0]),
+            )
+            for i in range(6)
+        ]
+        seed = bytes([n % 256])
+        order = [x.replica_id for x in scoring.rank(cands, 8000, S, seed=seed)]
+        assert order == [x.replica_id for x in scoring.rank(cands, 8000, flat, seed=seed)]
 
 
 def test_near_full_kv_cache_is_penalised() -> None:
