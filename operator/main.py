@@ -58,6 +58,8 @@ DEFAULT_SERVER_URL: Final = "http://inference-cache-server:8081"
 DEFAULT_SERVER_SERVICE: Final = "inference-cache-server"
 DEFAULT_TOKEN_FILE: Final = "/var/run/secrets/inferencecache.io/controller-token/token"
 DEFAULT_NAMESPACE: Final = "inference-cache-system"
+#: Where config/manager mounts the optional Secret inference-cache-webhook-signing (key ``key``).
+DEFAULT_SIGNING_KEY_FILE: Final = Path("/var/run/secrets/inferencecache.io/webhook-signing/key")
 #: kopf's progress and last-handled-configuration annotations go under our API group.
 ANNOTATIONS_PREFIX: Final = backend.GROUP
 
@@ -94,6 +96,9 @@ class OperatorConfig:
     webhook_cert_file: Path | None
     webhook_key_file: Path | None
     leader_elect: bool
+    #: HMAC key of the ``injected-by-signature`` annotation (the optional Secret
+    #: ``inference-cache-webhook-signing`` mounted here); a missing file: no signature.
+    webhook_signing_key_file: Path = DEFAULT_SIGNING_KEY_FILE
 
 
 class ConfigError(ValueError):
@@ -116,7 +121,25 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         webhook_cert_file=cert,
         webhook_key_file=key,
         leader_elect=args.leader_elect,
+        webhook_signing_key_file=args.webhook_signing_key_file,
     )
+
+
+def webhook_settings(config: OperatorConfig) -> webhook.WebhookSettings:
+    """The pod webhook's settings: the signing key read from
+    ``config.webhook_signing_key_file`` (absent: injections are not signed, logged).
+    Raises :class:`ConfigError` when the file exists but cannot be read or is empty."""
+    path = config.webhook_signing_key_file
+    if not path.exists():
+        log.info("no webhook signing key at %s: injected-by annotations are not signed", path)
+        return webhook.WebhookSettings()
+    try:
+        key = path.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"--webhook-signing-key-file {path}: {e}") from e
+    if not key:
+        raise ConfigError(f"--webhook-signing-key-file {path} is empty")
+    return webhook.WebhookSettings(signing_key=key)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="webhook serving cert (default: self-signed, its CA written into the webhook configurations)",
     )
     parser.add_argument("--webhook-tls-key-file", type=Path, metavar="PEM", help="its private key")
+    parser.add_argument(
+        "--webhook-signing-key-file",
+        type=Path,
+        default=DEFAULT_SIGNING_KEY_FILE,
+        metavar="FILE",
+        help="HMAC key signing the injected-by annotations (a missing file: unsigned; "
+        f"default {DEFAULT_SIGNING_KEY_FILE})",
+    )
     parser.add_argument(
         "--server-url",
         default=DEFAULT_SERVER_URL,
@@ -214,7 +245,7 @@ def build_registry(
     )
     handlers_controlplane.register(registry, plane)
     if config.webhook is not None:
-        handlers_webhooks.register(registry, kube, webhook.WebhookSettings())
+        handlers_webhooks.register(registry, kube, webhook_settings(config))
     return registry
 
 
@@ -367,7 +398,12 @@ def run(args: argparse.Namespace) -> int:
             settings = leader.LeaseSettings(namespace=config.namespace, identity=socket.gethostname())
             elector = leader.LeaderElector(kube, settings)
         try:
-            asyncio.run(operate(config, build_registry(config, kube), kube, elector=elector))
+            registry = build_registry(config, kube)
+        except ConfigError as e:
+            print(f"inference-cache operator: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            asyncio.run(operate(config, registry, kube, elector=elector))
         except leader.LeaseLost as e:
             print(f"inference-cache operator: {e}", file=sys.stderr)
             return 1

@@ -349,3 +349,24 @@ async def test_operator_serves_webhooks_with_its_own_certificate(
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=30)
+
+
+def test_webhook_signing_key_comes_from_the_mounted_secret(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"s3cret\n")
+    config = main.config_from_args(parse("--webhook-signing-key-file", str(key)))
+    assert main.webhook_settings(config).signing_key == b"s3cret"
+
+
+def test_no_signing_key_file_means_unsigned_injections(tmp_path: Path) -> None:
+    config = main.config_from_args(parse("--webhook-signing-key-file", str(tmp_path / "absent")))
+    assert main.webhook_settings(config).signing_key == b""
+    assert main.config_from_args(parse()).webhook_signing_key_file == main.DEFAULT_SIGNING_KEY_FILE
+
+
+def test_an_empty_signing_key_is_a_config_error(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"\n")
+    config = main.config_from_args(parse("--webhook-signing-key-file", str(key)))
+    with pytest.raises(main.ConfigError, match="empty"):
+        main.webhook_settings(config)
