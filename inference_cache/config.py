@@ -211,10 +211,10 @@ class WarmupSettings:
 @dataclass(frozen=True, slots=True)
 class DiscoverySettings:
     """Endpoint discovery (``extproc.discovery``): ``endpoints[]`` of the CacheBackends'
-    Ready engine pods, polled from the Kubernetes API, beside the config file's own."""
+    Ready engine pods, watched through the Kubernetes API, beside the config file's own."""
 
     enabled: bool = False
-    #: Seconds between polls of CacheBackends and pods.
+    #: Seconds between full re-lists of CacheBackends and pods (the safety net under the watch).
     interval_s: float = 10.0
     #: Namespace to watch ("" = all namespaces).
     namespace: str = ""
