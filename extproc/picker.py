@@ -146,13 +146,15 @@ class Prompt:
     approx_keys: Sequence[int] = ()
     #: Per-prompt tie-break seed: equal prefixes break exact ties alike, others spread.
     seed: bytes = bytes(8)
-    #: Speculative entry keys when not ``keys`` (a byte match: ``bytematch.speculative_keys``).
-    speculative_keys: Sequence[bytes] | None = None
+    #: Speculative chunk keys past ``keys`` (a byte match: ``bytematch.speculative_keys``).
+    chunks: Sequence[bytes] = ()
+    #: Tokens one of ``chunks`` stands for.
+    chunk_tokens: int = 0
 
     @property
     def chain(self) -> Sequence[bytes]:
         """The keys speculative entries are recorded and matched on."""
-        return self.keys if self.speculative_keys is None else self.speculative_keys
+        return [*self.keys, *self.chunks] if self.chunks else self.keys
 
 
 @dataclass(slots=True)
@@ -472,14 +474,15 @@ class EndpointPicker:
         m = matcher.match(scope, data, salt=parsed.cache_salt)
         self.byte_boundaries[model, m.boundary] += 1
         bs = route.model.block_size
-        spec = bytematch.speculative_keys(data, m, bs, salt=parsed.cache_salt)
+        chunks = bytematch.speculative_keys(data, m, bs, salt=parsed.cache_salt)
         return Prompt(
             None,
             m.estimated_total_tokens(bs),
             m.keys,
             MATCH_BYTES,
             seed=text_seed(data),
-            speculative_keys=spec,
+            chunks=chunks,
+            chunk_tokens=bytematch.SPECULATIVE_CHUNK_BLOCKS * bs,
         )
 
     async def _tokenize(
@@ -523,7 +526,8 @@ class EndpointPicker:
                     indexed[m.replica_id] = m.matched_tokens
                     indexed_blocks[m.replica_id] = m.matched_blocks
             matched.update(indexed)
-            for rid, n in self.speculative.match_tokens(scope, prompt.chain, indexed_blocks).items():
+            chain = prompt.chain
+            for rid, n in self.speculative.match_tokens(scope, chain, indexed_blocks, indexed).items():
                 matched[rid] = max(matched.get(rid, 0), n)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
@@ -555,9 +559,10 @@ class EndpointPicker:
         if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.chain:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             held = ranked.indexed_blocks.get(chosen.replica_id, 0)  # the index has these
-            self.speculative.record(
-                scope, chosen.replica_id, prompt.chain, route.model.block_size, start=held
-            )
+            rid = chosen.replica_id
+            self.speculative.record(scope, rid, prompt.keys, route.model.block_size, start=held)
+            if prompt.chunks:
+                self.speculative.record(scope, rid, prompt.chunks, prompt.chunk_tokens)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             self.approx.record(chosen.replica_id, prompt.approx_keys)
         endpoints = tuple(s.replica_id for s in order[: 1 + self.settings.fallback_endpoints])

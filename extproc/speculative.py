@@ -111,13 +111,21 @@ class SpeculativeIndex:
 
         ``after``: blocks already matched per replica elsewhere (the KV index); a replica's
         run is then looked up from there and counts them. Without it runs start at block 0."""
-        return {rid: blocks for rid, (blocks, _tokens) in self._walk(scope_key, keys, after).items()}
+        return {rid: blocks for rid, (blocks, _tokens) in self._walk(scope_key, keys, after, None).items()}
 
     def match_tokens(
-        self, scope_key: Hashable, keys: Sequence[bytes], after: Mapping[str, int] | None = None
+        self,
+        scope_key: Hashable,
+        keys: Sequence[bytes],
+        after: Mapping[str, int] | None = None,
+        after_tokens: Mapping[str, int] | None = None,
     ) -> dict[str, int]:
-        """Like :meth:`match`, in tokens: matched blocks x the ``tokens_per_block`` recorded."""
-        return {rid: tokens for rid, (_blocks, tokens) in self._walk(scope_key, keys, after).items()}
+        """Like :meth:`match`, in tokens: ``after_tokens[replica]`` for the blocks matched
+        elsewhere (without it: those blocks at the first live entry's ``tokens_per_block``)
+        plus each live entry's ``tokens_per_block`` as recorded (a chain may mix recordings
+        of different block sizes: a byte match's blocks, then its byte chunks)."""
+        walked = self._walk(scope_key, keys, after, after_tokens)
+        return {rid: tokens for rid, (_blocks, tokens) in walked.items()}
 
     def forget(self, replica_id: str) -> None:
         """Drop every entry of ``replica_id`` (its engine restarted or resynced: what we
@@ -140,7 +148,11 @@ class SpeculativeIndex:
         return before - self._entries
 
     def _walk(
-        self, scope_key: Hashable, keys: Sequence[bytes], after: Mapping[str, int] | None
+        self,
+        scope_key: Hashable,
+        keys: Sequence[bytes],
+        after: Mapping[str, int] | None,
+        after_tokens: Mapping[str, int] | None,
     ) -> dict[str, tuple[int, int]]:
         holders = self._scopes.get(scope_key)
         if not holders or not keys:
@@ -155,16 +167,18 @@ class SpeculativeIndex:
         for rid, start in starts.items():
             if start >= len(keys):
                 continue  # the index matched it all
-            i, per_block = start, 0
+            i, tokens, first = start, 0, 0
             for key in keys[start:] if start else keys:
                 held = holders.get(key)
                 entry = held.get(rid) if held is not None else None
                 if entry is None or entry[0] <= now:
                     break
-                per_block = entry[1]
+                tokens += entry[1]
+                first = first or entry[1]
                 i += 1
             if i > start:
-                out[rid] = (i, i * per_block)
+                before = after_tokens.get(rid) if after_tokens is not None else None
+                out[rid] = (i, tokens + (start * first if before is None else before))
         return out
 
     def _expire(self, now: float, budget: int | None = None) -> None:

@@ -27,15 +27,18 @@ dropping the last block unless the request ends there or an added token ends the
 Speculative keys (``speculative_keys``): a byte match names only blocks some engine has
 reported, so a burst of one new prefix would have nothing to record before the first
 engine's events arrive. The picker therefore records its choice for the request's bytes
-past the matched blocks too, cut into fixed chunks of ``block_size x
-DEFAULT_BYTES_PER_TOKEN`` bytes (one estimated block each, so ``SpeculativeIndex`` counts
-them as blocks of ``block_size`` tokens): key ``i`` is the running XXH3-64 (seed
-``BYTE_SEED ^ 1``) of the last matched block's key (the chain's root when none) followed by
-the first ``i + 1`` chunks. One streaming hash and one digest per chunk: a 32k-token
-prompt costs ~2,000 digests. Two requests get the same keys exactly when they matched the
-same blocks and their bytes agree through those chunks: a new prefix sticks to its first
-replica, and follow-ups diverging mid-chunk lose at most that chunk (the estimate in
-tokens is as rough as the bytes per token). These keys never reach the ``Index``.
+past the matched blocks too, cut into fixed chunks of ``SPECULATIVE_CHUNK_BLOCKS`` estimated
+blocks (``block_size x DEFAULT_BYTES_PER_TOKEN`` bytes each; ``SpeculativeIndex`` counts a
+chunk as that many blocks' tokens): key ``i`` is the running XXH3-64 (seed ``BYTE_SEED ^
+1``) of the last matched block's key (the chain's root when none) followed by the first
+``i + 1`` chunks. One streaming hash and one digest per chunk: a 32k-token prompt costs
+~260 digests and as many speculative entries (one per estimated block measured 2,048
+entries per decision, and the sweeps and garbage collections of ~180k entries a second
+stalled the event loop for tens of ms at 32k tokens and ~90 decisions/s). Two requests get
+the same keys exactly when they matched the same blocks and their bytes agree through
+those chunks: a new prefix sticks to its first replica; a request diverging mid-chunk
+loses that chunk (the estimate in tokens is as rough as the bytes per token). These keys
+never reach the ``Index``.
 
 Known limit: blocks the engine generated (decode output) hold the model's tokens, which
 need not be the tokenizer's canonical tokens for the same bytes; bytes then claim what
@@ -65,6 +68,8 @@ _WINDOW = 32
 _MAX_WINDOW = 16384
 #: Request bytes per token assumed for the uncached rest when nothing matched.
 DEFAULT_BYTES_PER_TOKEN = 4.0
+#: Estimated blocks per speculative byte chunk (``speculative_keys``).
+SPECULATIVE_CHUNK_BLOCKS = 8
 _le = struct.Struct("<Q")
 
 
@@ -105,16 +110,17 @@ class ByteMatch:
 def speculative_keys(
     data: bytes, match: ByteMatch, block_size: int, *, salt: str | None = None
 ) -> list[bytes]:
-    """The match's block keys, then one key per full chunk of the request's bytes past them
-    (module docstring): what the picker records as the chosen replica's speculative entries."""
-    chunk = round(block_size * DEFAULT_BYTES_PER_TOKEN)
+    """One key per full chunk of the request's bytes past the matched blocks (module
+    docstring), each standing for ``SPECULATIVE_CHUNK_BLOCKS x block_size`` tokens: what the
+    picker records, after the match's own keys, as the chosen replica's speculative entries."""
+    chunk = round(SPECULATIVE_CHUNK_BLOCKS * block_size * DEFAULT_BYTES_PER_TOKEN)
     if match.keys:
         node = match.keys[-1]
     else:
         node = fingerprint.key_bytes(fingerprint.salt_root(salt)) if salt else bytekeys.ROOT
     hasher = xxhash.xxh3_64(node, seed=_SPECULATIVE_SEED)
     view = memoryview(data)
-    keys = list(match.keys)
+    keys = []
     update, digest = hasher.update, hasher.digest
     for start in range(match.matched_bytes, len(data) - chunk + 1, chunk):
         update(view[start : start + chunk])

@@ -787,7 +787,7 @@ async def test_speculative_byte_keys_continue_the_indexed_match() -> None:
     p, index, bidx = bytes_picker()
     assert bidx is not None
     cache_both(index, bidx, A, chat_ids(LONG))  # A holds the shared prefix
-    follow = LONG + " and a long new question about the fox and the lazy dog, twice over"
+    follow = LONG + " and a long new question about the fox and the lazy dog: " + LONG * 2
     first = await pick(p, request(chat_body(follow)))
     assert first.endpoints == (A,)
     second = await pick(p, request(chat_body(follow)))

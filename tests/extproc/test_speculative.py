@@ -151,3 +151,16 @@ def test_match_agrees_with_a_linear_walk(clock: Clock) -> None:
         assert spec.match(S, query, after) == expected
         if not after:
             assert spec.match(S, query) == expected
+
+
+def test_a_chain_of_mixed_recordings_counts_each_entrys_tokens(spec: SpeculativeIndex) -> None:
+    """A byte match: its blocks (16 tokens each), then byte chunks (128 tokens each)."""
+    chunks = [bytes([9, i]) * 4 for i in range(2)]
+    spec.record(S, "a", KEYS[:3], 16, start=1)  # the index holds block 0 on a
+    spec.record(S, "a", chunks, 128)
+    chain = [*KEYS[:3], *chunks]
+    assert spec.match(S, chain, {"a": 1}) == {"a": 5}
+    assert spec.match_tokens(S, chain, {"a": 1}, {"a": 16}) == {"a": 16 + 2 * 16 + 2 * 128}
+    # without the index's tokens, its blocks count at the first live entry's size
+    assert spec.match_tokens(S, chain, {"a": 1}) == {"a": 16 + 2 * 16 + 2 * 128}
+    assert spec.match_tokens(S, chain, {"a": 1}, {"a": 20}) == {"a": 20 + 2 * 16 + 2 * 128}
