@@ -167,18 +167,18 @@ class SpeculativeIndex:
         for rid, start in starts.items():
             if start >= len(keys):
                 continue  # the index matched it all
-            i, tokens, first = start, 0, 0
+            i, tokens, first_size = start, 0, 0
             for key in keys[start:] if start else keys:
                 held = holders.get(key)
                 entry = held.get(rid) if held is not None else None
                 if entry is None or entry[0] <= now:
                     break
                 tokens += entry[1]
-                first = first or entry[1]
+                first_size = first_size or entry[1]
                 i += 1
             if i > start:
                 before = after_tokens.get(rid) if after_tokens is not None else None
-                out[rid] = (i, tokens + (start * first if before is None else before))
+                out[rid] = (i, tokens + (start * first_size if before is None else before))
         return out
 
     def _expire(self, now: float, budget: int | None = None) -> None:
