@@ -408,7 +408,9 @@ class InferenceCacheService(pb_grpc.InferenceCacheServicer):
         if deadline is not None and self._monotonic() - start > deadline:
             return TIMEOUT, [], True, echo
         chosen = ranked.order[0]
-        listed = [chosen] + [s for s in ranked.order[1:] if ranked.matched.get(s.replica_id, 0) > 0]
+        # The others in predicted-TTFT order (the contract), not the ranking's cost order.
+        others = [s for s in ranked.order[1:] if ranked.matched.get(s.replica_id, 0) > 0]
+        listed = [chosen, *sorted(others, key=lambda s: s.predicted_ttft_ms)]
         total = max(len(tokens), 1)
         scores = [
             types.ReplicaScore(
