@@ -22,7 +22,7 @@ from inference_cache.fakeengine import app, events, versions
 from inference_cache.fakeengine.hashing import HASH_ALGOS, BlockHasher, HashAlgo, LoRA
 from inference_cache.fakeengine.prefix_cache import PrefixCache
 from inference_cache.fakeengine.publisher import PublisherSettings, ZmqPublisher
-from inference_cache.fakeengine.scheduler import Clock, Engine, LoopClock, TimeModel
+from inference_cache.fakeengine.scheduler import PREFILL_SHARING, Clock, Engine, LoopClock, TimeModel
 from inference_cache.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tokens-per-second", type=float, default=10000.0)
     p.add_argument("--decode-tokens-per-second", type=float, default=100.0)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--prefill-sharing",
+        choices=PREFILL_SHARING,
+        default="independent",
+        help="independent (default): concurrent prefills do not slow each other; fcfs: one "
+        "engine-wide prefill queue in admission order, as on one GPU",
+    )
     p.add_argument("--data-parallel-rank", type=int, default=0, help="offsets the ZMQ ports like vLLM")
     p.add_argument("--lora-modules", type=_lora_module, nargs="*", default=[], metavar="NAME=PATH")
 
@@ -195,7 +202,10 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         hash_algo=args.hash_algo,
         python_hash_seed=args.python_hash_seed,
         time_model=TimeModel(
-            args.prefill_tokens_per_second, args.decode_tokens_per_second, args.max_num_seqs
+            args.prefill_tokens_per_second,
+            args.decode_tokens_per_second,
+            args.max_num_seqs,
+            args.prefill_sharing,
         ),
         data_parallel_rank=args.data_parallel_rank,
         lora_modules=tuple(args.lora_modules),

@@ -8,7 +8,20 @@ the engine drives ``prefix_cache`` and hands its events to a sink (``publisher``
   queue also waits for KV blocks, as vLLM's scheduler does);
 * a running request first prefills its uncached prompt tokens at
   ``prefill_tokens_per_second`` (its first token comes out then), then decodes one token
-  every ``1 / decode_tokens_per_second``; requests do not slow each other down;
+  every ``1 / decode_tokens_per_second``. ``prefill_sharing`` says whether concurrent
+  prefills compete: ``independent`` (each prefills as if alone) or ``fcfs`` (one engine-wide
+  prefill queue in admission order: a request's uncached tokens are processed after those
+  of the requests admitted before it, as one GPU does with vLLM's chunked prefill, whose
+  per-step token budget goes to the running requests in order; the same model as
+  ``inference_cache.routesim.engine``). Decode is per request in both (memory-bound and
+  batched: decoding requests do not slow each other, nor the prefills, down);
+* ``num_running`` counts the admitted requests (KV blocks allocated, prompt looked up),
+  including those queued for prefill, ``num_waiting`` those not admitted yet
+  (``max_num_seqs`` or KV blocks). vLLM schedules a waiting request's first chunk into any
+  step with token budget left (``max_num_batched_tokens``, 2,048 to 16,384 by default), so
+  with prompts shorter than the budget a request queued behind another's prefill is
+  ``running`` there too; a long prefill that fills whole steps would keep it ``waiting``
+  in vLLM, which this model does not reproduce;
 * the events recorded while handling one event-loop turn go out as one batch, the way vLLM
   publishes one batch per engine step;
 * the clock is injected: :class:`LoopClock` follows the event loop, so a virtual-time loop
@@ -23,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from inference_cache.fakeengine import events as ev
 from inference_cache.fakeengine import prefix_cache
@@ -53,11 +66,18 @@ class LoopClock:
         await asyncio.sleep(seconds)
 
 
+PrefillSharing = Literal["independent", "fcfs"]
+PREFILL_SHARING: tuple[PrefillSharing, ...] = ("independent", "fcfs")
+
+
 @dataclass(frozen=True)
 class TimeModel:
     prefill_tokens_per_second: float = 10000.0
     decode_tokens_per_second: float = 100.0
     max_num_seqs: int = 256
+    #: ``independent``: concurrent prefills do not slow each other; ``fcfs``: one prefill
+    #: at a time, in admission order (see the module docstring).
+    prefill_sharing: PrefillSharing = "independent"
 
 
 class RequestRejected(ValueError):
@@ -81,6 +101,8 @@ class Engine:
         self._sink = sink
         self._waiting: deque[tuple[prefix_cache.Sequence, asyncio.Future[None]]] = deque()
         self._running = 0
+        #: ``fcfs``: the admitted requests' prefill turns in order; the head is prefilling.
+        self._prefill_queue: deque[asyncio.Future[None]] = deque()
         self._stalled_until = 0.0
         self._flush_scheduled = False
 
@@ -91,6 +113,11 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_prefilling(self) -> int:
+        """``fcfs``: admitted requests whose prefill is running or queued (0 otherwise)."""
+        return len(self._prefill_queue)
 
     def stall(self, seconds: float) -> None:
         """Fault: no request makes progress for ``seconds`` from now."""
@@ -126,10 +153,13 @@ class Engine:
         )
         self.check(len(seq.token_ids), len(output_token_ids))
         await self._admit(seq)
+        turn = self._queue_prefill()
         try:
             yield Admission(seq.num_prompt_tokens, seq.num_cached_tokens)
             uncached = seq.num_prompt_tokens - seq.num_cached_tokens
+            await turn
             await self._pause(uncached / self.model.prefill_tokens_per_second)
+            self._prefill_done(turn)
             for i, token in enumerate(output_token_ids):
                 if i:
                     await self._pause(1.0 / self.model.decode_tokens_per_second)
@@ -139,9 +169,33 @@ class Engine:
                     seq.token_ids.append(token)
                 yield token
         finally:
+            self._prefill_done(turn)
             self.cache.free(seq)
             self._running -= 1
             self._admit_waiting()
+
+    def _queue_prefill(self) -> asyncio.Future[None]:
+        """An admitted request's turn to prefill: done at once (``independent``, or an idle
+        ``fcfs`` engine), else when the requests admitted before it are prefilled."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.model.prefill_sharing == "independent":
+            turn.set_result(None)
+            return turn
+        if not self._prefill_queue:
+            turn.set_result(None)
+        self._prefill_queue.append(turn)
+        return turn
+
+    def _prefill_done(self, turn: asyncio.Future[None]) -> None:
+        """``turn`` leaves the prefill queue (prefilled, or cancelled while prefilling or
+        queued; idempotent); the next one in line starts when the head left."""
+        queue = self._prefill_queue
+        if turn not in queue:
+            return
+        head = queue[0] is turn
+        queue.remove(turn)
+        if head and queue and not queue[0].done():
+            queue[0].set_result(None)
 
     async def _admit(self, seq: prefix_cache.Sequence) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -35,12 +35,14 @@ def test_flags() -> None:
         "--kv-events-topic", "t", "--buffer-steps", "5", "--prefill-tokens-per-second", "100",
         "--decode-tokens-per-second", "10", "--max-num-seqs", "2", "--data-parallel-rank", "1",
         "--lora-modules", "a=/p/a", "b=/p/b", "--num-gpu-blocks", "100", "--block-size", "32",
+        "--prefill-sharing", "fcfs",
     )  # fmt: skip
     assert cfg.vllm_version == (0, 23, 0) and cfg.hash_algo == "xxhash" and cfg.python_hash_seed == "0"
-    assert cfg.time_model == TimeModel(100.0, 10.0, 2)
+    assert cfg.time_model == TimeModel(100.0, 10.0, 2, "fcfs")
     assert cfg.lora_modules == (("a", "/p/a"), ("b", "/p/b")) and cfg.data_parallel_rank == 1
     assert (cfg.block_size, cfg.num_gpu_blocks, cfg.buffer_steps, cfg.kv_events_topic) == (32, 100, 5, "t")
     default = parse("--tokenizer", str(TINY_TOKENIZER))
+    assert default.time_model == TimeModel()
     assert (default.host, default.vllm_version, default.hash_algo, default.python_hash_seed) == (
         "127.0.0.1",
         (0, 33, 0),
