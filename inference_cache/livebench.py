@@ -11,7 +11,8 @@ Owner: the benchmarks (issue #6); registered by ``inference_cache.cli`` (``bench
                  sglang_cache_aware = sglang-router 0.3.2 --policy cache_aware
                  vllm_kv_aware / vllm_cache_aware = vllm-router 0.1.17 (kv_aware: the engines'
                               ZMQ KV events + /render; cache_aware: VLLM_ROUTER_TOKENIZER set)
-      --> N `inference-cache fake-engine` processes (the realistic time model; KV events)
+      --> N `inference-cache fake-engine` processes (KV events; ``--prefill-sharing fcfs`` by
+          default: concurrent prefills on one engine queue for its prefill, as on one GPU)
 
 The engines run for the whole bench; every run starts a fresh front (the peers' trees and our
 index start empty), waits until a probe request is answered through it, then empties every
@@ -65,6 +66,7 @@ from inference_cache import demo_workload, envoy, inferenceperf
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import openai, picker
 from inference_cache.extproc.bench import ServerProcess, without_extproc
+from inference_cache.fakeengine.scheduler import PREFILL_SHARING, PrefillSharing
 
 MODEL = "bench-model"
 CHAT_PATH = "/v1/chat/completions"
@@ -109,6 +111,9 @@ class EngineSettings:
     prefill_tokens_per_second: float = 10_000.0
     decode_tokens_per_second: float = 100.0
     max_num_seqs: int = 256
+    #: ``fcfs``: one prefill at a time per engine (a GPU's prefills compete, so load
+    #: balancing counts); ``independent``: only the request path differs between routers.
+    prefill_sharing: PrefillSharing = "fcfs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +176,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpu-blocks", type=int, default=8192, help="KV blocks per engine (default 8192)")
     p.add_argument("--tokenizer", type=Path, default=QWEN_TOKENIZER, help=f"default {QWEN_TOKENIZER}")
     p.add_argument(
+        "--prefill-sharing",
+        choices=PREFILL_SHARING,
+        default="fcfs",
+        help="the engines' prefill model: fcfs (default) = one prefill at a time per engine, in "
+        "admission order; independent = concurrent prefills do not slow each other",
+    )
+    p.add_argument(
         "--peers-dir", type=Path, default=PEERS_DIR, help="where hack/peers.py installed the peers"
     )
     p.add_argument(
@@ -217,7 +229,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.load_generator == "inference-perf" and not inferenceperf.installed(args.inference_perf):
         raise BenchError(f"{args.inference_perf} missing: run `python hack/peers.py inference-perf`")
     return Settings(
-        engine=EngineSettings(tokenizer=args.tokenizer.resolve(), num_gpu_blocks=args.num_gpu_blocks),
+        engine=EngineSettings(
+            tokenizer=args.tokenizer.resolve(),
+            num_gpu_blocks=args.num_gpu_blocks,
+            prefill_sharing=args.prefill_sharing,
+        ),
         engines=args.engines,
         routers=args.routers,
         workloads=args.workloads,
@@ -382,7 +398,8 @@ def engine_command(settings: Settings, port: int, events: str) -> list[str]:
         "--hash-algo", e.hash_algo, "--vllm-version", e.vllm_version,
         "--prefill-tokens-per-second", str(e.prefill_tokens_per_second),
         "--decode-tokens-per-second", str(e.decode_tokens_per_second),
-        "--max-num-seqs", str(e.max_num_seqs), "--kv-events-endpoint", events,
+        "--max-num-seqs", str(e.max_num_seqs), "--prefill-sharing", e.prefill_sharing,
+        "--kv-events-endpoint", events,
     ]  # fmt: skip
     if e.python_hash_seed is not None:
         cmd += ["--python-hash-seed", e.python_hash_seed]
@@ -741,6 +758,7 @@ def summarise(
         "vllm_version": e.vllm_version,
         "prefill_tokens_per_s": e.prefill_tokens_per_second,
         "decode_tokens_per_s": e.decode_tokens_per_second,
+        "prefill_sharing": e.prefill_sharing,
         "max_tokens": settings.max_tokens,
         "client": inferenceperf.CLIENT_MODE if generator == "inference-perf" else CLIENT_MODE,
         "load_generator": inferenceperf.DESCRIPTION if generator == "inference-perf" else LOAD_GENERATOR,
@@ -800,9 +818,13 @@ NOTES = (
     "`cached_tokens` / prompt tokens; ideal = every prompt prefix cached after its first "
     "request (full blocks of earlier-sent prompts, capped one block short); multi-turn hits "
     "can exceed it by the cached blocks of earlier answers. TTFT is measured by the client to "
-    "the first content chunk. The engines' time model makes TTFT depend on uncached tokens "
-    "only (requests do not slow each other), so the differences between cache-aware routers "
-    "are their request-path cost on this 2-core machine."
+    "the first content chunk. The engines' time model (`prefill_sharing`): with `fcfs` each "
+    "engine prefills one request at a time in admission order, at `prefill_tokens_per_s` "
+    "(a GPU's prefills compete: a request routed behind another's uncached prompt waits for "
+    "it), and decodes every request independently; TTFT therefore rewards both the cached "
+    "prefix and the balance of prefill work, plus each router's request-path cost on this "
+    "2-core machine. With `independent` (the fake engine's default) concurrent prefills do "
+    "not slow each other and only the hit and the request-path cost differ."
 )
 
 

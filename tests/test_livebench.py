@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_cache import inferenceperf, livebench
+from inference_cache import cli, inferenceperf, livebench
 from inference_cache.extproc import openai
 
 from . import test_inferenceperf
@@ -106,10 +106,27 @@ async def test_smoke_ours_and_round_robin() -> None:
         ("round_robin", "multiturn"),
     ]
     assert all(r["errors"] == 0 and r["prompt_tokens"] > 0 for r in rows)
+    assert {r["prefill_sharing"] for r in rows} == {"fcfs"}
     for r in rows:
         if r["router"] == "ours":  # one request at a time: every earlier prefix is reusable
             assert r["ideal_hit_ratio"] > 0
             assert r["hit_ratio"] == r["ideal_hit_ratio"]
+
+
+def test_prefill_sharing_reaches_the_engines() -> None:
+    def settings(*flags: str) -> livebench.Settings:
+        argv = ["bench", "live", "--tokenizer", str(TINY), *flags]
+        return livebench.settings_from_args(cli.build_parser(argv).parse_args(argv))
+
+    def sharing(s: livebench.Settings) -> str:
+        cmd = livebench.engine_command(s, 8000, "ipc:///tmp/e")
+        return cmd[cmd.index("--prefill-sharing") + 1]
+
+    assert sharing(settings()) == "fcfs"  # a GPU's prefills compete by default
+    independent = settings("--prefill-sharing", "independent")
+    assert sharing(independent) == "independent"
+    row = livebench.summarise("ours", "multiturn", 0, independent, [], [])
+    assert row["prefill_sharing"] == "independent"
 
 
 def test_targets_read_the_medians() -> None:
