@@ -608,15 +608,16 @@ class ExtProcService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+    ) -> None:
+        """One ext_proc stream, through ``context.read``/``context.write`` rather than the
+        request iterator and an async generator: grpc.aio then runs no extra task per
+        stream (measured: about 13 % less server CPU per request, docs/benchmarks.md). A
+        cancelled RPC cancels this coroutine, so ``finally`` settles the stream."""
         stream = _Stream(self._picker, self._settings, self._observer)
-        # A cancelled RPC may leave this generator suspended at a yield, where no
-        # ``finally`` runs until it is collected: settle at the RPC's end as well.
-        context.add_done_callback(lambda _context: stream.close())
         try:
-            async for message in request_iterator:
+            while (message := await context.read()) is not grpc.aio.EOF:
                 for response in await stream.on_message(message):
-                    yield response
+                    await context.write(response)
                 if stream.done:
                     return
         finally:
