@@ -211,6 +211,13 @@ _LEN_SHIFT, _LAST_SHIFT, _HOLD_SHIFT = 128, 160, 176
 _U16, _U32 = (1 << 16) - 1, (1 << 32) - 1
 
 
+#: ``ByteIndex.bytes_per_token`` before any block was stored (English text with a
+#: byte-level BPE runs about 4 bytes per token).
+DEFAULT_BYTES_PER_TOKEN = 4.0
+#: Tokens of new blocks over which ``bytes_per_token`` averages (then halves its sums).
+_RATIO_WINDOW = 1 << 20
+
+
 class ByteIndex:
     """Auxiliary byte-chain keys of one model's cached blocks. Thread-safe (one lock)."""
 
@@ -227,6 +234,17 @@ class ByteIndex:
         self.unmapped_blocks = 0
         #: Blocks not indexed because other tokens with the same bytes took their edge.
         self.conflicts = 0
+        #: Bytes and tokens of the blocks stored lately (halved past ``_RATIO_WINDOW``
+        #: tokens, so the ratio follows the traffic): ``bytes_per_token``.
+        self._ratio_bytes = 0
+        self._ratio_tokens = 0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes per token of the blocks the engines stored lately (the estimate of a
+        request's uncached rest when nothing of it matched); 4.0 before any block."""
+        tokens = self._ratio_tokens
+        return self._ratio_bytes / tokens if tokens else DEFAULT_BYTES_PER_TOKEN
 
     def blocks_stored(
         self,
@@ -270,6 +288,11 @@ class ByteIndex:
                         edge | fingerprint.key_int(node) << 64 | len(data) << _LEN_SHIFT | last << _LAST_SHIFT
                     )
                     _add_length(sc.children, node, len(data))
+                    self._ratio_bytes += len(data)
+                    self._ratio_tokens += bs
+                    if self._ratio_tokens > _RATIO_WINDOW:
+                        self._ratio_bytes //= 2
+                        self._ratio_tokens //= 2
                 sc.blocks[key] = packed + (1 << _HOLD_SHIFT)
                 held.add(key)
                 self.entries += 1

@@ -177,3 +177,14 @@ def test_same_bytes_other_tokens_is_a_conflict_not_an_edge(tiny: Tokenizer) -> N
     idx.blocks_stored(SCOPE, "a", None, fingerprint.chain_keys(left, 2), left)
     idx.blocks_stored(SCOPE, "b", None, fingerprint.chain_keys(right, 2), right)
     assert (idx.entries, idx.conflicts, idx.holds(SCOPE, "b")) == (1, 1, 0)
+
+
+def test_bytes_per_token_is_learned_from_new_blocks(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 4)
+    assert idx.bytes_per_token == bytekeys.DEFAULT_BYTES_PER_TOKEN  # nothing stored yet
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over the lazy dog again", 4)
+    idx.blocks_stored(SCOPE, "a", None, keys, ids)
+    stored = len(tiny.decode(ids).encode())
+    assert idx.bytes_per_token == pytest.approx(stored / len(ids))
+    idx.blocks_stored(SCOPE, "b", None, keys, ids)  # the same blocks elsewhere: no new bytes
+    assert idx.bytes_per_token == pytest.approx(stored / len(ids))

@@ -322,3 +322,19 @@ def test_estimated_total_tokens() -> None:
     assert (m.matched_tokens(16), m.estimated_total_tokens(16)) == (32, 32 + 16)
     assert bytematch.ByteMatch((), 0, 0, "none", 40).estimated_total_tokens(16) == 10
     assert bytematch.ByteMatch((b"k" * 8,), 64, 1, "end", 64).estimated_total_tokens(16) == 16
+    # Nothing matched: the rest at the model's learned bytes per token, not the default 4.
+    assert bytematch.ByteMatch((), 0, 0, "none", 670, 6.7).estimated_total_tokens(16) == 100
+
+
+def test_a_cold_request_is_estimated_at_the_stored_blocks_ratio() -> None:
+    tiny = Tokenizer.from_file(str(TINY / "tokenizer.json"))
+    index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 4)
+    matcher = bytematch.ByteMatcher(tiny, index)
+    text = "the quick brown fox jumps over the lazy dog " * 8
+    ids = tiny.encode(text, add_special_tokens=False).ids
+    ids = ids[: len(ids) // 4 * 4]
+    keys = fingerprint.chain_keys(ids, 4)
+    index.blocks_stored(Scope("t", "m", "vllm", ""), "r", None, keys, ids)
+    cold = matcher.match(Scope("t", "m", "vllm", ""), b"zz" + text.encode())  # matches nothing
+    assert cold.blocks == 0 and cold.bytes_per_token == index.bytes_per_token != 4.0
+    assert abs(cold.estimated_total_tokens(4) - len(ids)) <= 0.1 * len(ids)
