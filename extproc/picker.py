@@ -394,9 +394,11 @@ class EndpointPicker:
             kv_usage=stats.kv_cache_usage_perc,
         )
 
-    def sweep(self) -> None:
-        """Drop expired speculative entries (the server calls it with the index sweep)."""
-        self.speculative.sweep()
+    def sweep(self, max_keys: int | None = None) -> bool:
+        """Drop expired speculative entries, at most about ``max_keys`` of them (the server
+        calls it every second, in slices); ``True`` while more have expired."""
+        self.speculative.sweep(max_keys)
+        return self.speculative.expired
 
     def _candidates(self, endpoints: Sequence[str], subset: Sequence[str] | None) -> list[str]:
         allowed = set(subset) if subset is not None else None

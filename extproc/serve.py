@@ -88,6 +88,9 @@ log = logging.getLogger("inference_cache.serve")
 EXTPROC_MESSAGE_HEADROOM = 1 << 20
 #: Seconds between sweeps of the picker's expired speculative entries.
 PICKER_SWEEP_INTERVAL_S = 1.0
+#: Speculative keys one slice of that sweep drops before it yields to the event loop
+#: (about 1 ms of work: requests never wait behind a whole burst's expiry).
+PICKER_SWEEP_SLICE_KEYS = 4096
 #: Seconds in-flight RPCs get to finish on shutdown (the HTTP servers get the same).
 SHUTDOWN_GRACE_S = 5.0
 
@@ -778,10 +781,14 @@ class Server:
         await discovery.refresh(self._discover, self.set_endpoints)
 
     async def _picker_ticker(self) -> None:
-        """Expired speculative entries go off the request path, once a second."""
+        """Expired speculative entries go off the request path, once a second, in slices
+        with the event loop free between them."""
         while True:
             await asyncio.sleep(PICKER_SWEEP_INTERVAL_S)
-            self.picker.sweep()
+            more = self.picker.sweep(PICKER_SWEEP_SLICE_KEYS)
+            while more:
+                await asyncio.sleep(0)  # let requests through between slices
+                more = self.picker.sweep(PICKER_SWEEP_SLICE_KEYS)
 
     async def _sweep_ticker(self) -> None:
         while True:

@@ -68,6 +68,20 @@ def test_entries_expire_after_ttl(spec: SpeculativeIndex, clock: Clock) -> None:
     assert spec.size == 0
 
 
+def test_sweep_in_slices_of_keys(spec: SpeculativeIndex, clock: Clock) -> None:
+    for replica in ("a", "b", "c"):
+        spec.record(S, replica, KEYS, 16)
+    assert not spec.expired
+    clock.now += 2.0
+    assert spec.expired
+    # A slice stops after the recording that reached the budget: 4 keys, then 4 more.
+    assert spec.sweep(max_keys=5) == 8
+    assert spec.expired and spec.size == 4
+    assert spec.sweep(max_keys=5) == 4
+    assert not spec.expired and spec.size == 0
+    assert spec.sweep(max_keys=5) == 0
+
+
 def test_record_drops_expired_entries(spec: SpeculativeIndex, clock: Clock) -> None:
     spec.record(S, "a", KEYS, 16)
     clock.now += 2.0
