@@ -824,7 +824,12 @@ NOTES = (
     "it), and decodes every request independently; TTFT therefore rewards both the cached "
     "prefix and the balance of prefill work, plus each router's request-path cost on this "
     "2-core machine. With `independent` (the fake engine's default) concurrent prefills do "
-    "not slow each other and only the hit and the request-path cost differ."
+    "not slow each other and only the hit and the request-path cost differ. Every process "
+    "(engines, router, client) shares the same 2 cores, unpinned: a router's CPU per request "
+    "(ours, Envoy + `serve`: about 4.6-5 ms; sglang-router about 1.7 ms, measured from "
+    "/proc schedstat) delays the engines and the next requests too, so these TTFTs include "
+    "each stack's CPU cost on this machine (see 'Live: where ours spends its time under "
+    "concurrency')."
 )
 
 
