@@ -78,6 +78,7 @@ def test_no_chart_for_other_sections_or_rows_without_figures() -> None:
 
 def test_write_draws_valid_deterministic_pngs(tmp_path: Path) -> None:
     import matplotlib  # noqa: F401  (a test dependency: never skipped)
+
     charts = [
         c for c in (benchcharts.chart_for("routing", ROUTING), benchcharts.chart_for("extproc", EXTPROC)) if c
     ]

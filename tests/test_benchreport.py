@@ -142,6 +142,7 @@ def _routing_args(tmp_path: Path) -> argparse.Namespace:
 
 def test_run_draws_and_links_the_charts(tmp_path: Path) -> None:
     import matplotlib  # noqa: F401  (a test dependency: never skipped)
+
     args = _routing_args(tmp_path)
     assert benchreport.run(args) == 0
     png = tmp_path / "docs" / "img" / "bench-routing.png"
