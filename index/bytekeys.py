@@ -141,14 +141,10 @@ class ByteTable:
 
     def join(self, ids: Sequence[int]) -> bytes | None:
         """The bytes of ``ids`` (``None`` when one has no known bytes)."""
-        pieces = self.pieces
-        try:
-            parts = [pieces[i] for i in ids]
-        except IndexError:
+        try:  # a None piece (no known bytes) fails the join
+            return b"".join(map(self.pieces.__getitem__, ids))  # type: ignore[arg-type]
+        except (IndexError, TypeError):
             return None
-        if None in parts:
-            return None
-        return b"".join(parts)  # type: ignore[arg-type]  # no None left
 
     def length(self, token_id: int) -> int:
         piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else None

@@ -182,13 +182,25 @@ class Mapper:
         first_parent: int | None = None
         block_tokens: list[int] = []
         gone: dict[Scope, list[bytes]] = defaultdict(list)
+        # vLLM (a page is a block, nothing pending): every block's prefix hash in one pass
+        # over the event's tokens (one u32 conversion, not one per block).
+        whole: list[int] | None = None
+        if page == self._config.block_size and not cur.pending:
+            try:
+                whole = fingerprint.prefix_hashes(ev.token_ids, page, parent=cur.prefix)
+            except ValueError:
+                whole = None  # a bad token id: the per-block path finds which block
         for i, engine_hash in enumerate(ev.block_hashes):
             why = _block_extra_reason(ev.extra_keys, i)
             if why is not None:
                 self.counters.skipped_blocks[why] += n - i
                 break
             page_tokens = ev.token_ids[i * page : (i + 1) * page]
-            node = self._advance(cur, page_tokens, engine_hash, scope, state)
+            node: _Node | None
+            if whole is not None and i < len(whole):
+                node = self._complete(cur, whole[i], scope)
+            else:
+                node = self._advance(cur, page_tokens, engine_hash, scope, state)
             if node is None:
                 self.counters.skipped_blocks["token_ids"] += n - i
                 break
@@ -225,13 +237,18 @@ class Mapper:
             (prefix,) = fingerprint.prefix_hashes(pending, bs, parent=parent.prefix)
         except ValueError:
             return None
-        ref = (scope, fingerprint.key_bytes(prefix))
-        self._refs[ref] += 1
         for member in pages[:-1]:
             member_node = state.nodes.get(member)
             if member_node is not None:
                 member_node.completed_by.append(engine_hash)
-        return _Node(prefix, parent.tokens + bs, ref=ref)
+        return self._complete(parent, prefix, scope)
+
+    def _complete(self, parent: _Node, prefix: int, scope: Scope) -> _Node:
+        """The node of a model block completed after ``parent`` with prefix hash ``prefix``
+        (it holds one reference to its key)."""
+        ref = (scope, fingerprint.key_bytes(prefix))
+        self._refs[ref] += 1
+        return _Node(prefix, parent.tokens + self._config.block_size, ref=ref)
 
     def _removed(self, ev: decode.BlockRemoved, rank: int) -> None:
         n = len(ev.block_hashes)
