@@ -195,6 +195,12 @@ def test_extra_keys_become_tuples() -> None:
         pytest.param(
             msgpack.packb([1.0, [["BlockStored", [1], None, ["a"], 1]]]), "event", id="tokens-not-ints"
         ),
+        pytest.param(
+            msgpack.packb([1.0, [["BlockStored", [1], None, [1, True], 2]]]), "event", id="tokens-bool"
+        ),
+        pytest.param(
+            msgpack.packb([1.0, [["BlockStored", [1], None, [1, 2.0], 2]]]), "event", id="tokens-float"
+        ),
         pytest.param(msgpack.packb([1.0, [["BlockStored", [1], None, [1], 0]]]), "event", id="block-size-0"),
         pytest.param(
             msgpack.packb([1.0, [["BlockStored", [1], None, [1], 1, None, 5]]]), "event", id="medium-int"
