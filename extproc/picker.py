@@ -484,7 +484,7 @@ class EndpointPicker:
             MATCH_BYTES,
             seed=text_seed(data),
             chunks=chunks,
-            chunk_tokens=bytematch.SPECULATIVE_CHUNK_BLOCKS * bs,
+            chunk_tokens=m.chunk_tokens(bs),
         )
 
     async def _tokenize(

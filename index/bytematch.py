@@ -28,13 +28,15 @@ Speculative keys (``speculative_keys``): a byte match names only blocks some eng
 reported, so a burst of one new prefix would have nothing to record before the first
 engine's events arrive. The picker therefore records its choice for the request's bytes
 past the matched blocks too, cut into fixed chunks of ``SPECULATIVE_CHUNK_BLOCKS`` estimated
-blocks (``block_size x DEFAULT_BYTES_PER_TOKEN`` bytes each; ``SpeculativeIndex`` counts a
-chunk as that many blocks' tokens): key ``i`` is the running XXH3-64 (seed ``BYTE_SEED ^
-1``) of the last matched block's key (the chain's root when none) followed by the first
-``i + 1`` chunks. One streaming hash and one digest per chunk: a 32k-token prompt costs
-~260 digests and as many speculative entries (one per estimated block measured 2,048
-entries per decision, and the sweeps and garbage collections of ~180k entries a second
-stalled the event loop for tens of ms at 32k tokens and ~90 decisions/s). Two requests get
+blocks (``block_size x DEFAULT_BYTES_PER_TOKEN`` bytes each, fixed so that every server
+replica cuts the same keys; ``SpeculativeIndex`` credits a chunk with the tokens those bytes
+are at the request's estimated bytes per token, ``ByteMatch.chunk_tokens``): key ``i`` is
+the running XXH3-64 (seed ``BYTE_SEED ^ 1``) of the last matched block's key (the chain's
+root when none) followed by the first ``i + 1`` chunks. One streaming hash and one digest
+per chunk: a 32k-token prompt costs ~260 digests and as many speculative entries (one per
+estimated block measured 2,048 entries per decision, and the sweeps and garbage
+collections of ~180k entries a second stalled the event loop for tens of ms at 32k tokens
+and ~90 decisions/s). Two requests get
 the same keys exactly when they matched the same blocks and their bytes agree through
 those chunks: a new prefix sticks to its first replica; a request diverging mid-chunk
 loses that chunk (the estimate in tokens is as rough as the bytes per token). These keys
@@ -101,6 +103,16 @@ class ByteMatch:
     def matched_tokens(self, block_size: int) -> int:
         return self.blocks * block_size
 
+    def bytes_per_token_estimate(self, block_size: int) -> float:
+        """The matched part's bytes per token, else the model's learned ``bytes_per_token``."""
+        matched = self.matched_tokens(block_size)
+        return self.matched_bytes / matched if matched else self.bytes_per_token
+
+    def chunk_tokens(self, block_size: int) -> int:
+        """Tokens one speculative chunk (``chunk_bytes``) stands for, at this request's
+        estimated bytes per token: what ``SpeculativeIndex`` credits per chunk key."""
+        return max(1, round(chunk_bytes(block_size) / self.bytes_per_token_estimate(block_size)))
+
     def estimated_total_tokens(self, block_size: int) -> int:
         """Prompt length in tokens for the cost model: the matched blocks plus the rest at
         the matched part's bytes per token (without a match, ``bytes_per_token``: what the
@@ -112,17 +124,22 @@ class ByteMatch:
         rest = self.total_bytes - self.matched_bytes
         if rest <= 0:
             return matched
-        per = self.matched_bytes / matched if matched else self.bytes_per_token
-        return matched + max(1, round(rest / per))
+        return matched + max(1, round(rest / self.bytes_per_token_estimate(block_size)))
+
+
+def chunk_bytes(block_size: int) -> int:
+    """Bytes per speculative chunk: fixed (``SPECULATIVE_CHUNK_BLOCKS`` blocks at
+    ``DEFAULT_BYTES_PER_TOKEN``), so every server replica cuts the same keys."""
+    return round(SPECULATIVE_CHUNK_BLOCKS * block_size * DEFAULT_BYTES_PER_TOKEN)
 
 
 def speculative_keys(
     data: bytes, match: ByteMatch, block_size: int, *, salt: str | None = None
 ) -> list[bytes]:
     """One key per full chunk of the request's bytes past the matched blocks (module
-    docstring), each standing for ``SPECULATIVE_CHUNK_BLOCKS x block_size`` tokens: what the
+    docstring), each standing for ``match.chunk_tokens(block_size)`` tokens: what the
     picker records, after the match's own keys, as the chosen replica's speculative entries."""
-    chunk = round(SPECULATIVE_CHUNK_BLOCKS * block_size * DEFAULT_BYTES_PER_TOKEN)
+    chunk = chunk_bytes(block_size)
     if match.keys:
         node = match.keys[-1]
     else:

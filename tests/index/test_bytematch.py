@@ -326,6 +326,14 @@ def test_estimated_total_tokens() -> None:
     assert bytematch.ByteMatch((), 0, 0, "none", 670, 6.7).estimated_total_tokens(16) == 100
 
 
+def test_a_speculative_chunk_is_credited_at_the_estimated_bytes_per_token() -> None:
+    assert bytematch.chunk_bytes(16) == 512  # fixed: 8 blocks of 16 tokens at 4 bytes
+    assert bytematch.ByteMatch((), 0, 0, "none", 2000).chunk_tokens(16) == 128  # default 4
+    assert bytematch.ByteMatch((), 0, 0, "none", 2000, 6.4).chunk_tokens(16) == 80
+    matched = bytematch.ByteMatch((b"k" * 8,) * 2, 256, 2, "exact", 2000)  # 8 bytes per token
+    assert matched.chunk_tokens(16) == 64
+
+
 def test_a_cold_request_is_estimated_at_the_stored_blocks_ratio() -> None:
     tiny = Tokenizer.from_file(str(TINY / "tokenizer.json"))
     index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 4)
