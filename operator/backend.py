@@ -278,11 +278,14 @@ def _shed(backend: Mapping[str, Any], observed: Observed, keep: frozenset[str]) 
     )
 
 
-def _selector_labels(name: str) -> dict[str, str]:
+def selector_labels(name: str) -> dict[str, str]:
+    """The labels every object a CacheBackend owns carries (and its pods' selector)."""
     return {NAME_LABEL: "cachebackend", INSTANCE_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def _metadata(backend: Mapping[str, Any], labels: Mapping[str, str]) -> Obj:
+def owned_metadata(backend: Mapping[str, Any], labels: Mapping[str, str]) -> Obj:
+    """``metadata`` of an object ``backend`` owns: its name and namespace, ``labels``, and
+    a controller ownerReference to it."""
     meta = backend["metadata"]
     return {
         "name": meta["name"],
@@ -356,7 +359,7 @@ def _replicas(spec: Mapping[str, Any], live: Obj | None) -> int:
 def _deployment(backend: Mapping[str, Any], observed: Observed, settings: BackendSettings) -> Obj:
     spec = backend.get("spec") or {}
     name = backend["metadata"]["name"]
-    selector = _selector_labels(name)
+    selector = selector_labels(name)
     labels = {**selector, BACKEND_TYPE_LABEL: spec.get("type") or TYPE_LMCACHE}
     pod_spec: Obj = {
         "schedulerName": "default-scheduler",
@@ -368,7 +371,7 @@ def _deployment(backend: Mapping[str, Any], observed: Observed, settings: Backen
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(backend, labels),
+        "metadata": owned_metadata(backend, labels),
         "spec": {
             "replicas": _replicas(spec, observed.deployment),
             "selector": {"matchLabels": selector},
@@ -380,14 +383,14 @@ def _deployment(backend: Mapping[str, Any], observed: Observed, settings: Backen
 def _service(backend: Mapping[str, Any], settings: BackendSettings) -> Obj:
     name = backend["metadata"]["name"]
     spec = backend.get("spec") or {}
-    labels = {**_selector_labels(name), BACKEND_TYPE_LABEL: spec.get("type") or TYPE_LMCACHE}
+    labels = {**selector_labels(name), BACKEND_TYPE_LABEL: spec.get("type") or TYPE_LMCACHE}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(backend, labels),
+        "metadata": owned_metadata(backend, labels),
         "spec": {
             "type": "ClusterIP",
-            "selector": _selector_labels(name),
+            "selector": selector_labels(name),
             "ports": [
                 {
                     "name": SERVER_PORT_NAME,
@@ -404,12 +407,12 @@ def _hpa(backend: Mapping[str, Any], settings: BackendSettings) -> Obj:
     name = backend["metadata"]["name"]
     spec = backend.get("spec") or {}
     autoscaling = spec["autoscaling"]
-    labels = {**_selector_labels(name), BACKEND_TYPE_LABEL: spec.get("type") or TYPE_LMCACHE}
+    labels = {**selector_labels(name), BACKEND_TYPE_LABEL: spec.get("type") or TYPE_LMCACHE}
     target = autoscaling.get("targetCPUUtilizationPercent") or settings.target_cpu_percent
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(backend, labels),
+        "metadata": owned_metadata(backend, labels),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": int(autoscaling.get("minReplicas") or 1),

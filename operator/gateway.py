@@ -30,13 +30,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypedDict
 
+from inference_cache.extproc import picking
+from inference_cache.operator import backend as backend_mod
+
 #: CRD names (``metadata.name`` of the CustomResourceDefinition) we emit objects of.
 INFERENCE_POOL_CRD: Final = "inferencepools.inference.networking.k8s.io"
 ENVOY_EXTENSION_POLICY_CRD: Final = "envoyextensionpolicies.gateway.envoyproxy.io"
 BACKEND_TRAFFIC_POLICY_CRD: Final = "backendtrafficpolicies.gateway.envoyproxy.io"
 
 #: Header our ext_proc server sets to the chosen ``ip:port`` (EPP protocol, protocols.md §5.5).
-DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
+DESTINATION_HEADER: Final = picking.DESTINATION_HEADER
 
 #: ``spec.gateway`` defaults (the CacheBackend CRD applies the same; repeated here so an
 #: object written before a field existed still yields the documented behaviour).
@@ -46,9 +49,8 @@ DEFAULT_MESSAGE_TIMEOUT: Final = "60s"
 DEFAULT_FAIL_OPEN: Final = True
 
 #: Labels on every emitted object (the original's CacheBackend labels, component added).
-LABEL_NAME: Final = "cachebackend"
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"
 LABEL_COMPONENT: Final = "gateway"
-LABEL_MANAGED_BY: Final = "inference-cache-controller"
 
 #: Envoy Gateway's Duration pattern for ``messageTimeout``.
 _DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
@@ -274,24 +276,5 @@ def _port_number(port: int | Mapping[str, int]) -> int:
 
 
 def _metadata(backend: Mapping[str, Any]) -> dict[str, Any]:
-    meta = backend["metadata"]
-    return {
-        "name": meta["name"],
-        "namespace": meta["namespace"],
-        "labels": {
-            "app.kubernetes.io/name": LABEL_NAME,
-            "app.kubernetes.io/instance": meta["name"],
-            "app.kubernetes.io/component": LABEL_COMPONENT,
-            "app.kubernetes.io/managed-by": LABEL_MANAGED_BY,
-        },
-        "ownerReferences": [
-            {
-                "apiVersion": backend["apiVersion"],
-                "kind": backend["kind"],
-                "name": meta["name"],
-                "uid": meta["uid"],
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
-    }
+    labels = {**backend_mod.selector_labels(backend["metadata"]["name"]), COMPONENT_LABEL: LABEL_COMPONENT}
+    return backend_mod.owned_metadata(backend, labels)
