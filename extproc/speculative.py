@@ -150,13 +150,7 @@ class SpeculativeIndex:
         server sweeps in slices, yielding between them, while :attr:`expired` says more
         are due). ``None``: everything expired."""
         before = self._entries
-        now = self._clock()
-        recordings = self._recordings
-        budget = max_keys
-        while recordings and recordings[0][0] <= now and (budget is None or budget > 0):
-            if budget is not None:
-                budget -= len(recordings[0][3])
-            self._drop_oldest()
+        self._expire(self._clock(), max_keys, by_keys=True)
         return before - self._entries
 
     @property
@@ -198,17 +192,19 @@ class SpeculativeIndex:
                 out[rid] = (i, tokens + (start * first_size if before is None else before))
         return out
 
-    def _expire(self, now: float, budget: int | None = None) -> None:
-        """Drop expired recordings, oldest first; at most ``budget`` of them (``None``: all).
+    def _expire(self, now: float, budget: int | None = None, *, by_keys: bool = False) -> None:
+        """Drop expired recordings, oldest first, while ``budget`` lasts (``None``: all): a
+        recording costs 1, or with ``by_keys`` its number of keys (the last one dropped may
+        overrun the budget).
 
         ``record`` drops only a few per call, so the request path never pays for a whole
         burst's worth of expired entries at once (``sweep`` takes the rest); expired
         entries never match either way."""
         recordings = self._recordings
         while recordings and recordings[0][0] <= now and (budget is None or budget > 0):
-            self._drop_oldest()
             if budget is not None:
-                budget -= 1
+                budget -= len(recordings[0][3]) if by_keys else 1
+            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         """Forget the oldest recording: each of its entries unless a later one refreshed it."""
