@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import template_samples
 
 from inference_cache import render
 from inference_cache.extproc import templates
@@ -24,18 +25,7 @@ from .conftest import BS, MODEL, QWEN, Fleet, StartFleet
 
 TENANT = "team-a"
 MANUAL = " ".join(f"Runbook rule {k}: restart the worker, then check the queue depth." for k in range(20))
-SPEC: dict[str, Any] = {
-    "messages": [
-        {"role": "system", "body": "You are {{.persona}}.\n\n{{.manual}}"},
-        {"role": "user", "body": "{{.question}}"},
-    ],
-    "slots": [
-        {"name": "persona", "type": "Stable", "required": True},
-        {"name": "manual", "type": "Stable", "required": True},
-        {"name": "question", "type": "Mutable", "required": True},
-    ],
-    "normalization": "collapse",
-}
+SPEC = template_samples.CHAT_TEMPLATE
 
 
 async def ask(

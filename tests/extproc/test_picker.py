@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import template_samples
 
 from inference_cache import config, render, tokenizer
 from inference_cache.extproc import openai, picker, serve, templates
@@ -428,18 +429,7 @@ def test_a_failed_scrape_forgets_the_engine_gauges() -> None:
 # -- templated requests (issue #8) ----------------------------------------------------------
 
 MANUAL = "Answer from the manual: the quick brown fox jumps over the lazy dog. " * 6
-CHAT_TEMPLATE = {
-    "messages": [
-        {"role": "system", "body": "You are {{.persona}}.\n\n{{.manual}}"},
-        {"role": "user", "body": "{{.question}}"},
-    ],
-    "slots": [
-        {"name": "persona", "type": "Stable", "required": True},
-        {"name": "manual", "type": "Stable", "required": True},
-        {"name": "question", "type": "Mutable", "required": True},
-    ],
-    "normalization": "collapse",
-}
+CHAT_TEMPLATE = template_samples.CHAT_TEMPLATE
 TEXT_TEMPLATE = {
     "body": "{{.manual}}\n\nQuestion: {{.question}}",
     "slots": [{"name": "manual", "type": "Stable"}, {"name": "question", "type": "Mutable"}],
