@@ -143,21 +143,13 @@ def _chat_stable_text(
     (a, cut_a), (b, cut_b) = renderings
     if cut_a < 0 and cut_b < 0 and a == b:
         return a, False  # no Mutable value reaches the prompt: the whole chat is stable
-    shared = len(_common_prefix(a, b))
+    shared = _common_len(a, b)
     cut = min(shared, *(c for c in (cut_a, cut_b) if c >= 0))
     return a[:cut], True
 
 
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
-
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_len(a: Sequence[object], b: Sequence[object]) -> int:
+    """Length of the common leading run of two sequences (strings or token ids)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
