@@ -942,8 +942,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         say("interrupted; everything started was stopped")
         return 130
-    print(table(medians(rows)))
-    for line in targets(medians(rows)):
+    summary = medians(rows)
+    print(table(summary))
+    for line in targets(summary):
         print(f"target {line}")
     for line in skipped:
         print(f"skipped {line}")
