@@ -15,17 +15,21 @@ Where each thing is documented:
   heading names `` `inference-cache <command>` ``; the operator's in ``docs/operator.md``,
   "The operator process";
 - config file keys: ``docs/configuration.md``, "The configuration file": one table row per
-  key, in the table introduced by its parent (`` `models[]`: ``, `` `limits:` ``, ...), or
-  the dotted key backticked (``server.<key>`` in the flags table's file-key column);
+  key, in the table introduced by its parent (`` `models[]`: ``, `` `limits:` ``, ...), with
+  the code's default, or the dotted key backticked (``server.<key>`` in the flags table's
+  file-key column, beside its ``INFERENCE_CACHE_<KEY>`` variable);
 - metrics: ``docs/metrics.md``, one table row per ``inferencecache_*`` family under its
   exposed name (counters with ``_total``); other families (``process_*``) may be named by a
-  backticked glob;
+  backticked glob; the decision ``match`` values in the decisions row;
 - reason codes: ``docs/reason-codes.md`` tables with a ``code`` column (LookupRoute,
   RenderTemplate) and the ``kind`` table of the ext_proc errors, with the status, type and
-  code of ``ERRORS``.
+  code of ``ERRORS`` and the Envoy details ``inference_cache_<kind>`` the protocol sends.
 
-The reverse checks (documented but gone) read only reference-table rows, never prose, so
-passing mentions (vLLM's flags, Go spellings, examples) need no allowlist.
+The reverse checks (documented but gone) read reference-table rows (flags, keys, codes),
+``server.<key>`` and ``INFERENCE_CACHE_*`` names and every backticked ``inferencecache_*``
+name, never other prose, so passing mentions (vLLM's flags, Go spellings, examples) need no
+allowlist. Flag defaults are not compared: their documented forms (``1k,8k,32k``, ``100ms``,
+paths relative to the checkout) differ from the parsed values by design.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import yaml
 from prometheus_client import CollectorRegistry
 
 from inference_cache import cli
@@ -191,9 +197,9 @@ def test_every_flag_is_documented_and_every_documented_flag_exists() -> None:
 # -- config keys -----------------------------------------------------------------------------
 
 
-def _keys(cls: type, prefix: str = "") -> Iterator[tuple[str, bool]]:
-    """``(dotted key, is a leaf)`` of a settings dataclass, recursively: a nested settings
-    class is ``key.sub``, a list of them ``key[].sub``."""
+def _fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], bool]]:
+    """``(dotted key, its field, is a leaf)`` of a settings dataclass, recursively: a nested
+    settings class is ``key.sub``, a list of them ``key[].sub``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
@@ -203,25 +209,23 @@ def _keys(cls: type, prefix: str = "") -> Iterator[tuple[str, bool]]:
         if typing.get_origin(tp) is tuple:
             item = typing.get_args(tp)[0]
             if isinstance(item, type) and dataclasses.is_dataclass(item):
-                yield key, False
-                yield from _keys(item, key + "[].")
+                yield key, f, False
+                yield from _fields(item, key + "[].")
                 continue
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            yield key, False
-            yield from _keys(tp, key + ".")
+            yield key, f, False
+            yield from _fields(tp, key + ".")
             continue
-        yield key, True
+        yield key, f, True
 
 
-def _documented_keys(text: str) -> set[str]:
-    """Keys the file section's tables document: the row's backticked first cell, under the
-    prefix of the paragraph that opened the table's part (`` `models[]`: ...`` ->
-    ``models[].``; the section starts at the top level)."""
+def _key_rows(text: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(dotted key, its row by column)`` of the file section's tables: the row's
+    backticked first cell, under the prefix of the paragraph that opened the table's part
+    (`` `models[]`: ...`` -> ``models[].``; the section starts at the top level)."""
     section = _section(text, lambda h: h == "The configuration file")
-    documented: set[str] = set()
     prefix = ""
-    paragraphs = re.split(r"\n\s*\n", section)
-    for paragraph in paragraphs:
+    for paragraph in re.split(r"\n\s*\n", section):
         m = re.match(r"`([a-z_]+(?:\[\])*(?:\.[a-z_]+(?:\[\])*)*):?`", paragraph)
         if m:
             prefix = m.group(1) + "."
@@ -229,16 +233,17 @@ def _documented_keys(text: str) -> set[str]:
             if header[0] != "key":
                 continue
             for row in rows:
-                documented.update(prefix + t for t in _ticked(row[0]) if re.fullmatch(r"[\w.\[\]]+", t))
-    return documented
+                for name in _ticked(row[0]):
+                    if re.fullmatch(r"[\w.\[\]]+", name):
+                        yield prefix + name, dict(zip(header, row, strict=False))
 
 
 def test_every_config_key_is_documented_and_every_documented_key_exists() -> None:
     text = _doc("configuration.md")
-    keys = dict(_keys(config_mod.Config))
+    keys = {key: leaf for key, _f, leaf in _fields(config_mod.Config)}
     assert "scoring.recompute_congestion_weight" in keys and "models[].matching" in keys
     server_keys = {k for k in keys if k.startswith("server.")}
-    rows = _documented_keys(text)
+    rows = {key for key, _row in _key_rows(text)}
     ticked = set(_ticked(text))
     missing = [k for k, leaf in keys.items() if leaf and k not in rows and k not in ticked]
     assert not missing, _missing("config keys not documented (docs/configuration.md)", missing)
@@ -254,6 +259,41 @@ def test_every_config_key_is_documented_and_every_documented_key_exists() -> Non
     assert not documented_envs - envs, _missing(
         "documented environment variables that do not exist", documented_envs - envs
     )
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    """What a documented default must say: ``required``, ``all defaults`` (a nested settings
+    class), or the value as YAML reads it (a list for a tuple)."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if dataclasses.is_dataclass(value):
+        return "all defaults"
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _documented_default(cell: str) -> Any:
+    if cell in ("required", "all defaults"):
+        return cell
+    ticked = _ticked(cell)
+    return yaml.safe_load(ticked[0]) if ticked else yaml.safe_load(cell.split()[0])
+
+
+def test_every_documented_config_default_is_the_code_default() -> None:
+    fields = {key: f for key, f, _leaf in _fields(config_mod.Config)}
+    wrong, seen = [], 0
+    for key, row in _key_rows(_doc("configuration.md")):
+        if "default" not in row or key not in fields:
+            continue  # a stale key: the completeness test names it
+        seen += 1
+        want, got = _default_of(fields[key]), _documented_default(row["default"])
+        if got != want or isinstance(got, bool) != isinstance(want, bool):
+            wrong.append(f"{key}: documented {row['default']!r}, the code says {want!r}")
+    assert seen > 40
+    assert not wrong, _missing("config defaults that disagree with the code (docs/configuration.md)", wrong)
 
 
 # -- metrics ---------------------------------------------------------------------------------
