@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_cache import cli
 from inference_cache import config as config_mod
-from inference_cache.extproc import grpc_api, picker, picking, protocol, serve
+from inference_cache.extproc import auth, grpc_api, picker, picking, protocol, serve, warmup
 from inference_cache.index import types as index_types
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -402,13 +402,44 @@ def test_every_extproc_error_kind_is_documented_with_its_status_type_and_code() 
     assert "`inference_cache_<kind>`" in text
 
 
-def test_every_decision_match_is_documented() -> None:
-    """The ``match`` values of ``inferencecache_extproc_decisions_total`` (``picker.MATCH_*``)."""
-    text = _doc("metrics.md")
-    (row,) = [
-        r for _i, _h, rs in _tables(text) for r in rs if r[0] == "`inferencecache_extproc_decisions_total`"
-    ]
-    values = {v for k, v in vars(picker).items() if k.startswith("MATCH_") and isinstance(v, str)}
-    assert values
-    described = set(_ticked(row[3]))
-    assert not values - described, _missing("decision match values not documented", values - described)
+def _constants(module: types.ModuleType, prefix: str) -> set[str]:
+    return {v for k, v in vars(module).items() if k.startswith(prefix) and isinstance(v, str)}
+
+
+def test_every_label_value_the_code_defines_is_in_its_metric_row() -> None:
+    """Label values defined as enums or constants appear in their metric's row of
+    ``docs/metrics.md`` (label or meaning column)."""
+    rows = {
+        t: " ".join(r[1:]) for _i, _h, rs in _tables(_doc("metrics.md")) for r in rs for t in _ticked(r[0])
+    }
+    expected = {
+        "inferencecache_extproc_decisions_total": _constants(picker, "MATCH_"),
+        "inferencecache_byte_match_fallbacks_total": _constants(picker, "FALLBACK_"),
+        "inferencecache_matching_mode": _constants(picker, "MODE_") | set(config_mod.MATCHING_MODES),
+        "inferencecache_template_warmups_total": _constants(warmup, "RESULT_"),
+        "inferencecache_snapshot_auth_total": {r.value for r in auth.AuthResult},
+        "inferencecache_producer_auth_total": {r.value for r in auth.AuthResult},
+        "inferencecache_extproc_requests_total": {m.value for m in protocol.Mode}
+        | {k.value for k in picking.ErrorKind},
+    }
+    missing = []
+    for name, values in expected.items():
+        assert values, name
+        described = set(_ticked(rows[name]))
+        missing += [f"{name}: {v}" for v in sorted(values - described)]
+    assert not missing, _missing("label values not documented in their metric's row", missing)
+
+
+def test_every_grpc_status_the_api_returns_is_documented() -> None:
+    """The statuses ``grpc_api`` sets (read from its source: they are inline arguments) are
+    the rows of the gRPC status table, both ways."""
+    source = Path(grpc_api.__file__).read_text(encoding="utf-8")
+    used = set(re.findall(r"grpc\.StatusCode\.([A-Z_]+)", source))
+    assert "UNIMPLEMENTED" in used
+    section = _section(_doc("reason-codes.md"), lambda h: h == "gRPC status codes")
+    (rows,) = [rows for _i, h, rows in _tables(section) if h[0] == "status"]
+    documented = {t for r in rows for t in _ticked(r[0])}
+    assert not used - documented, _missing("gRPC statuses not documented", used - documented)
+    assert not documented - used, _missing(
+        "documented gRPC statuses the API never returns", documented - used
+    )
