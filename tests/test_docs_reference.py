@@ -99,11 +99,9 @@ def _cells(line: str) -> list[str]:
     return cells
 
 
-def _tables(text: str) -> Iterator[tuple[str, list[str], list[list[str]]]]:
-    """``(paragraph before the table, header cells, row cells)`` for each table; the
-    paragraph is the last non-table paragraph before it (its first line)."""
+def _tables(text: str) -> Iterator[tuple[list[str], list[list[str]]]]:
+    """``(header cells, row cells)`` for each Markdown table of ``text``."""
     lines = text.splitlines()
-    intro = ""
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -114,10 +112,8 @@ def _tables(text: str) -> Iterator[tuple[str, list[str], list[list[str]]]]:
             while i < len(lines) and lines[i].startswith("|"):
                 rows.append(_cells(lines[i]))
                 i += 1
-            yield intro, header, rows
+            yield header, rows
             continue
-        if line.strip() and (i == 0 or not lines[i - 1].strip()):
-            intro = line
         i += 1
 
 
@@ -182,7 +178,7 @@ def test_every_flag_is_documented_and_every_documented_flag_exists() -> None:
         mentioned = {_flag_name(t) for t in _ticked(section)}
         missing += [f"{command} {f}" for f in sorted(flags - mentioned)]
         every_spelling = {o for a in parser._actions for o in a.option_strings}
-        for _intro, header, rows in _tables(section):
+        for header, rows in _tables(section):
             if header[0] != "flag":
                 continue
             for row in rows:
@@ -229,7 +225,7 @@ def _key_rows(text: str) -> Iterator[tuple[str, dict[str, str]]]:
         m = re.match(r"`([a-z_]+(?:\[\])*(?:\.[a-z_]+(?:\[\])*)*):?`", paragraph)
         if m:
             prefix = m.group(1) + "."
-        for _intro, header, rows in _tables(paragraph):
+        for header, rows in _tables(paragraph):
             if header[0] != "key":
                 continue
             for row in rows:
@@ -329,7 +325,7 @@ def _primary(registry: CollectorRegistry) -> dict[str, str]:
 def test_every_metric_is_documented_and_every_documented_metric_exists() -> None:
     registry = _registry()
     text = _doc("metrics.md")
-    rows = {t for _i, _h, rs in _tables(text) for r in rs for t in _ticked(r[0])}
+    rows = {t for _h, rs in _tables(text) for r in rs for t in _ticked(r[0])}
     globs = [t[:-1] for t in _ticked(text) if t.endswith("*")]
     ticked = {t.split("{")[0] for t in _ticked(text)}
     primary = _primary(registry)
@@ -365,7 +361,7 @@ def test_every_reason_code_is_documented_and_every_documented_code_exists() -> N
     text = _doc("reason-codes.md")
     codes = _lookup_codes()
     assert {"PREFIX_MATCH", "LEAST_LOADED", "RENDER_ERROR", "UNKNOWN_TENANT"} <= codes
-    tables = [(h, rows) for _i, h, rows in _tables(text)]
+    tables = [(h, rows) for h, rows in _tables(text)]
     documented = {t for h, rows in tables if h[0] == "code" for r in rows for t in _ticked(r[0])}
     assert not codes - documented, _missing("reason codes not documented", codes - documented)
     assert not documented - codes, _missing(
@@ -375,7 +371,7 @@ def test_every_reason_code_is_documented_and_every_documented_code_exists() -> N
 
 def _error_rows(text: str) -> dict[str, list[str]]:
     section = _section(text, lambda h: "ext_proc errors" in h)
-    (rows,) = [rows for _i, h, rows in _tables(section) if h[0] == "kind"]
+    (rows,) = [rows for h, rows in _tables(section) if h[0] == "kind"]
     return {_ticked(r[0])[0]: r for r in rows}
 
 
@@ -409,9 +405,7 @@ def _constants(module: types.ModuleType, prefix: str) -> set[str]:
 def test_every_label_value_the_code_defines_is_in_its_metric_row() -> None:
     """Label values defined as enums or constants appear in their metric's row of
     ``docs/metrics.md`` (label or meaning column)."""
-    rows = {
-        t: " ".join(r[1:]) for _i, _h, rs in _tables(_doc("metrics.md")) for r in rs for t in _ticked(r[0])
-    }
+    rows = {t: " ".join(r[1:]) for _h, rs in _tables(_doc("metrics.md")) for r in rs for t in _ticked(r[0])}
     expected = {
         "inferencecache_extproc_decisions_total": _constants(picker, "MATCH_"),
         "inferencecache_byte_match_fallbacks_total": _constants(picker, "FALLBACK_"),
@@ -437,7 +431,7 @@ def test_every_grpc_status_the_api_returns_is_documented() -> None:
     used = set(re.findall(r"grpc\.StatusCode\.([A-Z_]+)", source))
     assert "UNIMPLEMENTED" in used
     section = _section(_doc("reason-codes.md"), lambda h: h == "gRPC status codes")
-    (rows,) = [rows for _i, h, rows in _tables(section) if h[0] == "status"]
+    (rows,) = [rows for h, rows in _tables(section) if h[0] == "status"]
     documented = {t for r in rows for t in _ticked(r[0])}
     assert not used - documented, _missing("gRPC statuses not documented", used - documented)
     assert not documented - used, _missing(
