@@ -780,7 +780,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV blocks per engine (default: 96 with the Qwen tokenizer, 320 with any other: "
         "the tiny test tokenizer makes ~3x more tokens of the same text)",
     )
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--conversations", type=int, default=12, help="multi-turn chats")
     p.add_argument("--turns", type=int, default=4, help="turns per chat")
     p.add_argument("--rag-requests", type=int, default=12, help="requests sharing retrieved documents")
@@ -792,7 +792,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not pre-fill the templates' stable prefixes (the warm-up is on by default)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the workload (default 0)")
     p.add_argument(
         "--matching",
         choices=config_mod.MATCHING_MODES,

@@ -204,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=inferenceperf.EXECUTABLE,
         help="the inference-perf executable (hack/peers.py installs it)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the workload (default 0)")
 
 
 def generator_for(settings: Settings, workload: str) -> str:

@@ -220,7 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", type=Path, default=Path(".cache/tokenizers/qwen"), help="tokenizer dir"
     )
     parser.add_argument("--rounds", type=int, default=5, help="repetitions per fault (fresh fleet each)")
-    parser.add_argument("--cases", nargs="*", choices=CASES, default=list(CASES))
+    parser.add_argument(
+        "--cases", nargs="*", choices=CASES, default=list(CASES), help="faults to run (default: all)"
+    )
     parser.add_argument("--json", metavar="OUT", type=Path, help="write the samples (seconds) as JSON")
 
 

@@ -86,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tls-ca-file", type=Path, default=None, help="PEM CA: use TLS to --server, verified against it")
     add("--tls-server-name", default="", help="the server certificate's name, if not --server's host")
     add("--replica-id", required=True, help="this engine rank's HTTP ip:port (what Envoy routes to)")
-    add("--model-id", required=True)
-    add("--tenant-id", default="")
+    add("--model-id", required=True, help="the model name: with the tenant, scopes this replica's keys")
+    add("--tenant-id", default="", help='the tenant of this replica\'s keys; "" = untenanted')
     add("--hash-scheme", default=types.HASH_SCHEME_VLLM, help="must be vllm (our fingerprints)")
     add("--block-size", type=int, default=16, help="the model's KV block size in tokens")
     add("--lora-adapter-names", type=parse_lora_names, default={}, help="id=name,... for LoRA ids")
@@ -95,12 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--engine-metrics-url", default="http://127.0.0.1:8000/metrics", help='"" disables stats')
     add("--stats-interval", type=parse_duration, default=10.0, help="stats scrape period (10s)")
     add("--engine-cache-size-bytes", type=int, default=0, help="KV-cache capacity; 0 = unknown")
-    add("--max-concurrency-ceiling", type=int, default=enginestats.DEFAULT_CONCURRENCY_CEILING)
+    add(
+        "--max-concurrency-ceiling",
+        type=int,
+        default=enginestats.DEFAULT_CONCURRENCY_CEILING,
+        help="pressure = (running + waiting) / ceiling; <= 0 disables pressure (256)",
+    )
     add(
         "--cache-tier",
         type=enginestats.CacheTier,
         choices=list(enginestats.CacheTier),
         default=enginestats.CacheTier.AUTO,
+        help="the usage gauge for cache_memory_bytes; auto = kv if present, else max(gpu, cpu)",
     )
     add("--engine-model-name", default="", help="keep only metric series with this model_name label")
 

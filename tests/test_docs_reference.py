@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cli_walk
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -128,23 +129,6 @@ def _missing(what: str, names: typing.Iterable[str]) -> str:
 # -- flags -----------------------------------------------------------------------------------
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _commands() -> Iterator[tuple[str, argparse.ArgumentParser]]:
-    """``(command path, its parser)`` for every leaf of the ``inference-cache`` tree, each
-    built the way ``cli.main`` builds it (only the chosen owner is loaded)."""
-    for name in cli.SUBCOMMANDS:
-        yield name, _subparsers(cli.build_parser([name]))[name]
-    for name in cli.BENCHES:
-        bench = _subparsers(cli.build_parser(["bench", name]))["bench"]
-        yield f"bench {name}", _subparsers(bench)[name]
-
-
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
     """One spelling per option: its first ``--long`` one (serve's Go ``-name`` aliases are
     documented once, as a rule), else its only one; ``--help`` left out."""
@@ -169,7 +153,7 @@ def _flag_name(token: str) -> str | None:
 
 def test_every_flag_is_documented_and_every_documented_flag_exists() -> None:
     missing, stale = [], []
-    commands = list(_commands())
+    commands = list(cli_walk.commands())
     assert len(commands) >= len(cli.SUBCOMMANDS) + len(cli.BENCHES)
     for command, parser in commands:
         flags = _flags(parser)

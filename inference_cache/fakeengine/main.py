@@ -158,21 +158,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chat-template", type=Path, help="Jinja chat template file (overrides tokenizer_config.json)"
     )
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument(
         "--num-gpu-blocks", type=int, default=4096, help="KV cache capacity in blocks (incl. null block)"
     )
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="context length: prompt + max_tokens beyond it is refused with 400 (default 4096)",
+    )
     p.add_argument("--kv-events-endpoint", help="ZMQ PUB endpoint, e.g. tcp://*:5557 (no events without it)")
-    p.add_argument("--kv-events-topic", default="")
+    p.add_argument("--kv-events-topic", default="", help='topic frame of each KV-event message (default "")')
     p.add_argument("--replay-endpoint", help="ZMQ ROUTER endpoint for replay, e.g. tcp://*:5558")
     p.add_argument("--buffer-steps", type=int, default=10000, help="batches kept for replay")
     p.add_argument("--vllm-version", type=_version, default=(0, 33, 0), help="emulated vLLM (0.10.2 .. 0.33)")
     p.add_argument("--hash-algo", choices=HASH_ALGOS, default="sha256", help="--prefix-caching-hash-algo")
     p.add_argument("--python-hash-seed", help="PYTHONHASHSEED of the emulated engine (unset by default)")
-    p.add_argument("--prefill-tokens-per-second", type=float, default=10000.0)
-    p.add_argument("--decode-tokens-per-second", type=float, default=100.0)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--prefill-tokens-per-second",
+        type=float,
+        default=10000.0,
+        help="time model: uncached prompt tokens prefilled per second (default 10000)",
+    )
+    p.add_argument(
+        "--decode-tokens-per-second",
+        type=float,
+        default=100.0,
+        help="time model: output tokens per second of each request (default 100)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="time model: requests running at once; the rest wait in FIFO order (default 256)",
+    )
     p.add_argument(
         "--prefill-sharing",
         choices=PREFILL_SHARING,
@@ -181,7 +201,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "engine-wide prefill queue in admission order, as on one GPU",
     )
     p.add_argument("--data-parallel-rank", type=int, default=0, help="offsets the ZMQ ports like vLLM")
-    p.add_argument("--lora-modules", type=_lora_module, nargs="*", default=[], metavar="NAME=PATH")
+    p.add_argument(
+        "--lora-modules",
+        type=_lora_module,
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="served LoRA adapters; their ids are 1, 2, ... in this order (default none)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -53,7 +53,12 @@ KEYS = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", choices=trace.WORKLOADS, default="mooncake")
+    p.add_argument(
+        "--workload",
+        choices=trace.WORKLOADS,
+        default="mooncake",
+        help="mooncake (replays --trace, the default) or a generated workload",
+    )
     p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake FAST'25 JSONL")
     p.add_argument(
         "--block-tokens",
@@ -61,17 +66,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=trace.MOONCAKE_BLOCK_TOKENS,
         help="engine block size for --workload mooncake (divides 512; each hash_id is split)",
     )
-    p.add_argument("--replicas", type=int, default=8)
+    p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default 8)")
     p.add_argument("--capacity-tokens", type=int, default=300_000, help="KV cache per replica")
     p.add_argument("--speedup", type=float, default=1.0, help="arrival times divided by this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the routers and generated workloads")
     p.add_argument("--limit", type=int, default=None, help="first N requests only")
     p.add_argument("--routers", default="", help="comma-separated subset (default: all)")
     p.add_argument("--dynamo-weights", default="1,4", help="overlap weights of dynamo_w{N}")
     p.add_argument("--event-delay-ms", type=float, default=50.0, help="KV event delivery lag")
     p.add_argument("--event-drop", type=float, default=0.001, help="probability a KV event batch is lost")
     p.add_argument("--scrape-interval-ms", type=float, default=50.0, help="engine gauge scrape period")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT")
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write one object per router as JSON"
+    )
 
 
 def load_workload(args: argparse.Namespace) -> trace.Workload:
