@@ -78,14 +78,16 @@ class PolicyStore:
 
     def replace(self, policies: Iterable[NamespacePolicy], tenants: Iterable[TenantQuota] = ()) -> None:
         """Replace the whole snapshot. Entries with an empty namespace / tenant id are
-        dropped; negative quotas clamp to 0; the first entry per key wins."""
+        dropped; negative quotas clamp to 0; a later entry for the same namespace / tenant
+        id replaces an earlier one (the original's ``ReplaceSnapshot``: a map assignment
+        per entry)."""
         pol: dict[str, NamespacePolicy] = {}
         for p in policies:
-            if p.namespace and p.namespace not in pol:
+            if p.namespace:
                 pol[p.namespace] = p
         quo: dict[str, TenantQuota] = {}
         for t in tenants:
-            if t.tenant_id and t.tenant_id not in quo:
+            if t.tenant_id:
                 quo[t.tenant_id] = (
                     t if t.max_index_entries >= 0 else TenantQuota(t.tenant_id, 0, t.isolation_mode)
                 )
