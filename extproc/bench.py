@@ -21,23 +21,34 @@ and turn, ``--requests`` requests at ``--concurrency`` after ``--warmup`` reques
 * first turn: a new conversation (system + user message): the tokenizer cache and the KV
   index miss;
 * follow-up: the first turn + an assistant reply + a new user message. Before it, the bench
-  reports each first turn's blocks (our fingerprint chain of the token ids the picker
-  computes) on the engine that served it with ``ReportCacheState``, as an engine's KV events
-  would, so the tokenizer prefix cache and the KV index both hit.
+  publishes what each engine that served a first turn would: vLLM KV events over ZMQ (one PUB
+  socket per echo engine on loopback, ``endpoints[].kv_events`` of the server; a
+  ``BlockStored`` with the first turn's full blocks, vLLM 0.33's msgpack and ``sha256_cbor``
+  block hashes, :mod:`inference_cache.extproc.bench_peers`), and waits until the server's
+  index holds them, so the tokenizer prefix cache and the KV index (token and byte keys) hit.
 
 Reported per cell: client latency p50/p99 and requests/s through Envoy alone and through
 Envoy + ext_proc, the added latency (difference of the percentiles), the server's own
 ``inferencecache_extproc_decision_seconds`` histogram over the cell (p50/p99 interpolated
 within its buckets, mean exact) and the server's CPU time per request (``/proc/<pid>/stat``,
-all threads), whose inverse is the capacity of one server process. Targets of issue #4 are
-printed, never asserted.
+all threads), whose inverse is the capacity of one server process. ``index_matched_tokens``
+is ``LookupRoute``'s match for one follow-up on the engine that served its first turn (the
+token index, fed by the same events as the byte index); with the byte path,
+``byte_matched_requests`` counts the cell's requests whose byte walk matched
+(``inferencecache_byte_match_boundaries``), and ``matching_mode`` is the path the server
+runs (``inferencecache_matching_mode``). Targets of issues #4, #6 and #9 are printed, never
+asserted.
 
 ``--matching`` sets the model's ``models[].matching`` (default ``tokens``, the reference
-path). With ``bytes`` (issue #9) the picker matches each chat by its rendered bytes, so
-only first turns are measured: the follow-up cells would need engine KV events with token
-ids to fill the byte index, and the bench reports cache state with ``ReportCacheState``,
-which carries none. Issue #9's targets (added p99 at 8k and 32k tokens, first turn) are
-printed for it.
+path; ``bytes`` and ``auto`` take the byte path of issue #9 here, every endpoint's events
+being subscribed directly).
+
+vllm-router ``kv_aware`` (when installed at ``--vllm-router``, by ``make peers``): the same
+bodies through vllm-router in front of ONE more echo engine (its cheapest case: one render
+call per request; the engines share one process, where N render calls would serialise),
+with that engine's KV events, pinned like the server. Its latency and its added latency
+against the same Envoy-alone baseline are in the same row (``vllm_kv_aware_*``,
+``vllm_router_workers``); without it those are null and a note says so.
 """
 
 from __future__ import annotations
@@ -56,7 +67,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -71,8 +83,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference_cache import config as config_mod
 from inference_cache import envoy
 from inference_cache import tokenizer as tokenizer_mod
-from inference_cache.extproc import openai, picker
-from inference_cache.index import fingerprint
+from inference_cache.extproc import bench_peers, openai, picker
 from inference_cache.proto import pb, pb_grpc
 
 MODEL = "bench-model"
@@ -83,7 +94,10 @@ QWEN_TOKENIZER = Path(".cache/tokenizers/qwen")
 ENVOY_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "envoy" / "envoy-buffered.yaml"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 DECISION_METRIC = "inferencecache_extproc_decision_seconds"
+MODE_METRIC = "inferencecache_matching_mode"
+BOUNDARY_METRIC = "inferencecache_byte_match_boundaries"
 ENGINE_HEADER = "x-engine-address"
+JSON_HEADERS = {"content-type": "application/json"}
 #: Seconds the server, the engines and Envoy get to start / to stop.
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
@@ -92,6 +106,8 @@ TARGET_ADDED_P99_MS = (8 * 1024, "follow-up", 5.0)
 TARGET_RPS = (1024, "follow-up", 500.0)
 #: Issue #9 (``--matching bytes``): (size, turn, bound of the added p99 in ms).
 TARGETS_BYTES_ADDED_P99_MS = ((8 * 1024, "first", 1.0), (32 * 1024, "first", 3.0))
+#: Issue #6, request path: added p50 within this of Envoy alone at this size, every matching path.
+TARGET_NEAR_ENVOY = (8 * 1024, 1.5)
 REPLY = "The cache keeps every token it has seen and serves it again."
 WORDS = [
     "the",
@@ -171,9 +187,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="random seed of the prompt text")
     parser.add_argument(
         "--matching",
-        choices=("tokens", "bytes"),
+        choices=("tokens", "bytes", "auto"),
         default="tokens",
-        help="the model's models[].matching (default tokens; bytes measures first turns only)",
+        help="the model's models[].matching (default tokens; bytes and auto take the byte path here)",
+    )
+    parser.add_argument(
+        "--vllm-router",
+        metavar="PATH",
+        type=Path,
+        default=bench_peers.VLLM_ROUTER,
+        help="vllm-router executable measured as the kv_aware front (default the one `make peers` "
+        "installs; skipped with a note when absent)",
     )
     parser.add_argument(
         "--envoy-config",
@@ -196,6 +220,8 @@ class Settings:
     seed: int = 1
     envoy_config: Path = ENVOY_CONFIG
     matching: str = "tokens"
+    #: vllm-router executable (``None`` or not executable: its cells are skipped).
+    vllm_router: Path | None = None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -215,6 +241,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         envoy_config=args.envoy_config,
         matching=args.matching,
+        vllm_router=args.vllm_router,
     )
 
 
@@ -284,8 +311,9 @@ def _canned(model: str) -> bytes:
     ).encode()
 
 
-async def _serve_engines(count: int, conn: Connection) -> None:
+async def _serve_engines(count: int, tokenizer: Path, conn: Connection) -> None:
     body = _canned(MODEL)
+    tok = tokenizer_mod.PromptTokenizer.load(tokenizer)
     runners: list[web.AppRunner] = []
     try:
         addresses = []
@@ -302,6 +330,7 @@ async def _serve_engines(count: int, conn: Connection) -> None:
             app = web.Application(client_max_size=64 * 1024 * 1024)
             app.router.add_get("/health", health)
             app.router.add_post(CHAT_PATH, answer)
+            bench_peers.add_vllm_routes(app, tok, MODEL)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
@@ -318,17 +347,19 @@ async def _serve_engines(count: int, conn: Connection) -> None:
             await runner.cleanup()
 
 
-def engines_main(count: int, conn: Connection) -> None:
-    """Child-process entry: ``count`` echo engines until the parent says stop."""
+def engines_main(count: int, tokenizer: Path, conn: Connection) -> None:
+    """Child-process entry: ``count`` echo engines until the parent says stop; they also
+    answer vLLM's chat render and ``/tokenize`` with ``tokenizer``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, also on Ctrl-C
-    asyncio.run(_serve_engines(count, conn))
+    asyncio.run(_serve_engines(count, tokenizer, conn))
 
 
 class EchoEngines:
     """The echo engines' child process (an async context manager)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, tokenizer: Path) -> None:
         self.count = count
+        self.tokenizer = tokenizer
         self.addresses: list[str] = []
         self._conn: Connection | None = None
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -337,7 +368,7 @@ class EchoEngines:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._conn = parent
-        self._proc = ctx.Process(target=engines_main, args=(self.count, child), daemon=True)
+        self._proc = ctx.Process(target=engines_main, args=(self.count, self.tokenizer, child), daemon=True)
         self._proc.start()
         child.close()
         try:
@@ -371,19 +402,17 @@ class EchoEngines:
 # -- the server (own process) -------------------------------------------------------------------
 
 
-def server_config(
-    tokenizer: Path, engines: Sequence[str], ipc_dir: str, matching: str = "tokens"
-) -> dict[str, Any]:
+def server_config(tokenizer: Path, kv_events: Mapping[str, str], matching: str = "tokens") -> dict[str, Any]:
     """The ``serve --config`` file: loopback ports chosen by the OS, one model with the
-    tokenizer, the engines (KV-event endpoints nobody binds: the bench reports cache state)."""
+    tokenizer, the engines (``address -> the ZMQ endpoint its KV events are published at``)."""
     return {
         "server": config_mod.ServerSettings.loopback(log_format="json").file_section(),
         "models": [
             {"name": MODEL, "block_size": BLOCK_SIZE, "tokenizer": str(tokenizer), "matching": matching}
         ],
         "endpoints": [
-            {"address": a, "model": MODEL, "tenant": TENANT, "kv_events": f"ipc://{ipc_dir}/e{i}-events"}
-            for i, a in enumerate(engines)
+            {"address": a, "model": MODEL, "tenant": TENANT, "kv_events": endpoint}
+            for a, endpoint in kv_events.items()
         ],
     }
 
@@ -528,14 +557,13 @@ async def drive(session: aiohttp.ClientSession, url: str, bodies: Sequence[bytes
     served: list[str | None] = [None] * len(bodies)
     errors = 0
     queue = iter(range(len(bodies)))
-    headers = {"content-type": "application/json"}
 
     async def worker() -> None:
         nonlocal errors
         for i in queue:
             t0 = time.perf_counter()
             try:
-                async with session.post(url + CHAT_PATH, data=bodies[i], headers=headers) as resp:
+                async with session.post(url + CHAT_PATH, data=bodies[i], headers=JSON_HEADERS) as resp:
                     await resp.read()
                     ok = resp.status == 200
                     served[i] = resp.headers.get(ENGINE_HEADER)
@@ -554,24 +582,52 @@ async def drive(session: aiohttp.ClientSession, url: str, bodies: Sequence[bytes
 Histogram = dict[str, float]
 
 
-async def decision_histogram(session: aiohttp.ClientSession, http_addr: str) -> Histogram:
-    """The server's decision histogram: ``le`` bound -> cumulative count, plus ``sum`` and
-    ``count``."""
-    async with session.get(f"http://{http_addr}/metrics") as resp:
-        resp.raise_for_status()
-        text = await resp.text()
-    out: Histogram = {}
+@dataclass(frozen=True, slots=True)
+class ServerMetrics:
+    """What one scrape of the server's ``/metrics`` tells the bench."""
+
+    #: The decision histogram: ``le`` bound -> cumulative count, plus ``sum`` and ``count``.
+    decisions: Histogram
+    #: Byte-matched requests whose walk matched at least one block (cumulative).
+    byte_matched: float
+    #: The matching the model runs (``tokens``, ``bytes``, ``approximate``), if reported.
+    mode: str | None
+
+
+def parse_server_metrics(text: str) -> ServerMetrics:
+    """A ``/metrics`` text -> :class:`ServerMetrics` of the bench's model."""
+    decisions: Histogram = {}
+    byte_matched, mode = 0.0, None
     for family in text_string_to_metric_families(text):
-        if family.name != DECISION_METRIC:
-            continue
-        for s in family.samples:
-            if s.name.endswith("_bucket"):
-                out[s.labels["le"]] = out.get(s.labels["le"], 0.0) + s.value
-            elif s.name.endswith("_sum"):
-                out["sum"] = out.get("sum", 0.0) + s.value
-            elif s.name.endswith("_count"):
-                out["count"] = out.get("count", 0.0) + s.value
-    return out
+        if family.name == DECISION_METRIC:
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    decisions[s.labels["le"]] = decisions.get(s.labels["le"], 0.0) + s.value
+                elif s.name.endswith("_sum"):
+                    decisions["sum"] = decisions.get("sum", 0.0) + s.value
+                elif s.name.endswith("_count"):
+                    decisions["count"] = decisions.get("count", 0.0) + s.value
+        elif family.name == BOUNDARY_METRIC:
+            byte_matched += sum(
+                s.value
+                for s in family.samples
+                if s.name.endswith("_total")
+                and s.labels.get("model") == MODEL
+                and s.labels["outcome"] != "none"
+            )
+        elif family.name == MODE_METRIC:
+            mode = next((s.labels["mode"] for s in family.samples if s.labels.get("model") == MODEL), mode)
+    return ServerMetrics(decisions, byte_matched, mode)
+
+
+async def _get_text(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url) as resp:
+        resp.raise_for_status()
+        return await resp.text()
+
+
+async def server_metrics(session: aiohttp.ClientSession, http_addr: str) -> ServerMetrics:
+    return parse_server_metrics(await _get_text(session, f"http://{http_addr}/metrics"))
 
 
 def histogram_quantile(before: Histogram, after: Histogram, q: float) -> float:
@@ -594,28 +650,6 @@ def histogram_quantile(before: Histogram, after: Histogram, q: float) -> float:
     return lower * 1000
 
 
-async def report_cache_state(
-    stub: pb_grpc.InferenceCacheStub, convs: Sequence[Conversation], served: Sequence[str | None]
-) -> None:
-    """Tell the index that each conversation's first-turn blocks are cached on the engine
-    that served it (what its KV events would say)."""
-
-    def updates() -> Any:
-        for conv, replica in zip(convs, served, strict=True):
-            if replica is None:
-                continue
-            keys = fingerprint.chain_keys(conv.first_tokens, BLOCK_SIZE)
-            yield pb.CacheStateUpdate(
-                replica_id=replica,
-                model_id=MODEL,
-                tenant_id=TENANT,
-                hash_scheme="vllm",
-                prefixes=[pb.PrefixEntry(block_hashes=keys, block_token_counts=[BLOCK_SIZE] * len(keys))],
-            )
-
-    await stub.ReportCacheState(updates(), timeout=60)
-
-
 async def index_match(stub: pb_grpc.InferenceCacheStub, tokens: Sequence[int], served: str | None) -> int:
     """Tokens of ``tokens`` the index credits to ``served`` (``LookupRoute``, the picker's
     scorer): shows the follow-up cells really hit the KV index."""
@@ -623,22 +657,121 @@ async def index_match(stub: pb_grpc.InferenceCacheStub, tokens: Sequence[int], s
     return next((s.matched_tokens for s in response.replica_scores if s.replica_id == served), 0)
 
 
-async def _await_routing(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
+def expected_match(conv: Conversation) -> int:
+    """Tokens of the follow-up a cache holding the first turn's full blocks covers."""
+    common = next(
+        (i for i, (a, b) in enumerate(zip(conv.first_tokens, conv.follow_tokens, strict=False)) if a != b),
+        min(len(conv.first_tokens), len(conv.follow_tokens)),
+    )
+    return common // BLOCK_SIZE * BLOCK_SIZE
+
+
+async def await_ingested(
+    stub: pb_grpc.InferenceCacheStub, convs: Sequence[Conversation], served: Sequence[str | None]
+) -> None:
+    """Until the index credits each engine with the last first turn published on it (one
+    PUB socket per engine keeps its batches in order), or :data:`START_TIMEOUT_S`."""
+    last = {replica: conv for conv, replica in zip(convs, served, strict=True) if replica is not None}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for replica, conv in last.items():
+        while (matched := await index_match(stub, conv.follow_tokens, replica)) < expected_match(conv):
+            if time.monotonic() > deadline:
+                raise BenchError(f"the server did not ingest the KV events of {replica} ({matched} tokens)")
+            await asyncio.sleep(0.02)
+
+
+async def _await_routing(
+    session: aiohttp.ClientSession, url: str, body: bytes, tail: Callable[[], str] = str
+) -> None:
     """Until a request through ``url`` is answered 200 (Envoy's clusters settle)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError):
-            async with session.post(url + CHAT_PATH, data=body) as resp:
+            async with session.post(url + CHAT_PATH, data=body, headers=JSON_HEADERS) as resp:
                 if resp.status == 200:
                     return
                 last = f"HTTP {resp.status}: {await resp.text()}"
         await asyncio.sleep(0.1)
-    raise BenchError(f"no answer through Envoy at {url}: {last}")
+    raise BenchError(f"no answer through {url}: {last}\n{tail()}")
+
+
+def ingest_probe(tok: tokenizer_mod.PromptTokenizer) -> tuple[bytes, list[int]]:
+    """A chat sharing no block with any other (a random first line) and its token ids: its
+    events published after a cell's show, once it hits, that vllm-router ingested the cell's.
+    vllm-router counts a lookup as a hit on any cached prefix, so a conversation of the
+    cell could hit on an earlier size's first block (the same system line)."""
+    nonce = uuid.uuid4().hex
+    body = _body(
+        [
+            {"role": "system", "content": f"{nonce} is a probe."},
+            {"role": "user", "content": f"Has the KV index of {nonce} seen this probe already?"},
+        ]
+    )
+    tokens = bench_peers.chat_token_ids(tok, json.loads(body))
+    if len(tokens) < BLOCK_SIZE:
+        raise BenchError(f"the ingest probe has {len(tokens)} tokens, less than a block")
+    return body, tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    """vllm-router kv_aware in front of one echo engine (``worker``)."""
+
+    url: str
+    metrics_url: str
+    worker: str
+    process: bench_peers.RouterProcess
+
+    async def lookups(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        return bench_peers.router_lookups(await _get_text(session, self.metrics_url))
+
+    async def await_hit(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        """Until ``body`` (an :func:`ingest_probe` published last on the worker's socket, so
+        every batch before it was ingested too) counts as a KV hit in vllm-router's lookups,
+        or :data:`START_TIMEOUT_S`."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            before = (await self.lookups(session)).get("hit", 0.0)
+            async with session.post(self.url + CHAT_PATH, data=body, headers=JSON_HEADERS) as resp:
+                await resp.read()
+            if (await self.lookups(session)).get("hit", 0.0) > before:
+                return
+            if time.monotonic() > deadline or not self.process.alive():
+                raise BenchError(f"vllm-router never counted a KV hit:\n{self.process.log_tail()}")
+            await asyncio.sleep(0.05)
+
+
+async def start_router(
+    settings: Settings, worker: str, events_endpoint: str, workdir: Path, stack: contextlib.AsyncExitStack
+) -> Router:
+    assert settings.vllm_router is not None
+    port, metrics_port = bench_peers.free_port(), bench_peers.free_port()
+    cmd, env = bench_peers.vllm_router_command(
+        settings.vllm_router,
+        port=port,
+        metrics_port=metrics_port,
+        worker=worker,
+        events_endpoint=events_endpoint,
+        model=MODEL,
+        block_size=BLOCK_SIZE,
+        tokenizer=settings.tokenizer,
+        pin=settings.taskset,
+    )
+    process = await stack.enter_async_context(
+        bench_peers.RouterProcess(cmd, env, workdir / "vllm-router.log")
+    )
+    return Router(
+        f"http://{envoy.LOOPBACK}:{port}", f"http://{envoy.LOOPBACK}:{metrics_port}/metrics", worker, process
+    )
 
 
 def _ms(x: float) -> float:
     return round(x, 3)
+
+
+def _has_router(settings: Settings) -> bool:
+    return settings.vllm_router is not None and os.access(settings.vllm_router, os.X_OK)
 
 
 async def measure(settings: Settings, progress: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -649,23 +782,33 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
     for size in settings.sizes:
         progress(f"tokenizing {n} conversations of ~{size} tokens (setup, untimed)")
         workloads[size] = conversations(tok, size, n, settings.seed)
+    with_router = _has_router(settings)
+    if not with_router:
+        progress(f"vllm-router not found at {settings.vllm_router} (`make peers`): its cells are skipped")
     rows: list[dict[str, Any]] = []
     async with contextlib.AsyncExitStack() as stack:
-        ipc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ic-bench-"))
-        engines = await stack.enter_async_context(EchoEngines(settings.engines))
-        config_path = Path(ipc_dir) / "serve.yaml"
-        config_path.write_text(
-            yaml.safe_dump(server_config(settings.tokenizer, engines.addresses, ipc_dir, settings.matching))
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ic-bench-")))
+        engines = await stack.enter_async_context(
+            EchoEngines(settings.engines + with_router, settings.tokenizer)
         )
+        ours = engines.addresses[: settings.engines]
+        kv = stack.enter_context(bench_peers.KvEvents(engines.addresses, BLOCK_SIZE))
+        config_path = workdir / "serve.yaml"
+        config = server_config(settings.tokenizer, {a: kv.endpoint(a) for a in ours}, settings.matching)
+        config_path.write_text(yaml.safe_dump(config))
         server = await stack.enter_async_context(
             ServerProcess(config_path, pin=settings.taskset, profile=settings.profile_server)
         )
         shipped = envoy.load_config(settings.envoy_config)
         extproc = server.addresses["extproc_addr"]
-        with_cfg = envoy.loopback(shipped, extproc=extproc, engines=engines.addresses)
-        alone_cfg = envoy.loopback(without_extproc(shipped), extproc=extproc, engines=engines.addresses)
+        with_cfg = envoy.loopback(shipped, extproc=extproc, engines=ours)
+        alone_cfg = envoy.loopback(without_extproc(shipped), extproc=extproc, engines=ours)
         with_envoy = await stack.enter_async_context(envoy.EnvoyProcess(with_cfg))
         alone_envoy = await stack.enter_async_context(envoy.EnvoyProcess(alone_cfg))
+        router = None
+        if with_router:
+            worker = engines.addresses[-1]
+            router = await start_router(settings, worker, kv.endpoint(worker), workdir, stack)
         connector = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120))
@@ -675,72 +818,140 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
         stub = pb_grpc.InferenceCacheStub(channel)
         probe = _body([{"role": "user", "content": "ready?"}])
         await _await_routing(session, alone_envoy.url, probe)
-        await _await_routing(session, with_envoy.url, probe)
-        progress(f"server pid {server.pid} ({' '.join(server.command[:3])}...), engines {engines.addresses}")
+        await _await_routing(session, with_envoy.url, probe, server.log_tail)
+        if router is not None:
+            await _await_routing(session, router.url, probe, router.process.log_tail)
+        mode = (await server_metrics(session, server.addresses["http_addr"])).mode
+        progress(
+            f"server pid {server.pid} ({' '.join(server.command[:3])}...), matching {settings.matching} "
+            f"(runs {mode}), engines {ours}"
+            + (f", vllm-router kv_aware in front of {router.worker} (1 worker)" if router else "")
+        )
         for size in settings.sizes:
             convs = workloads[size]
-            warm_served: list[str | None] = []
-            timed_served: list[str | None] = []
+            served: list[str | None] = []
             warm, timed = convs[: settings.warmup], convs[settings.warmup :]
-            for turn in ("first",) if settings.matching == "bytes" else ("first", "follow-up"):
+            for turn in ("first", "follow-up"):
                 matched = None
                 if turn == "follow-up":
-                    await report_cache_state(stub, warm + timed, warm_served + timed_served)
-                    matched = await index_match(stub, timed[0].follow_tokens, timed_served[0])
+                    progress(f"{size} tokens: publishing the first turns' KV events, waiting for the index")
+                    for conv, replica in zip(convs, served, strict=True):
+                        if replica is not None:
+                            kv.publishers[replica].stored(conv.first_tokens)
+                    if router is not None:  # its one worker served every first turn
+                        for conv in convs:
+                            kv.publishers[router.worker].stored(conv.first_tokens)
+                    await await_ingested(stub, convs, served)
+                    matched = await index_match(stub, timed[0].follow_tokens, served[settings.warmup])
+                    if router is not None:
+                        probe_body, probe_tokens = ingest_probe(tok)
+                        kv.publishers[router.worker].stored(probe_tokens)
+                        await router.await_hit(session, probe_body)
                 pick: Callable[[Conversation], bytes] = (
                     (lambda c: c.first) if turn == "first" else (lambda c: c.follow_up)
                 )
-                progress(f"{size} tokens, {turn} turn: Envoy alone, then Envoy + ext_proc")
+                progress(
+                    f"{size} tokens, {turn} turn: Envoy alone, Envoy + ext_proc"
+                    + (", vllm-router" * bool(router))
+                )
                 await drive(session, alone_envoy.url, [pick(c) for c in warm], settings.concurrency)
                 alone = await drive(session, alone_envoy.url, [pick(c) for c in timed], settings.concurrency)
                 warm_run = await drive(session, with_envoy.url, [pick(c) for c in warm], settings.concurrency)
-                before = await decision_histogram(session, server.addresses["http_addr"])
+                before = await server_metrics(session, server.addresses["http_addr"])
                 cpu0 = server.cpu_seconds()
                 routed = await drive(session, with_envoy.url, [pick(c) for c in timed], settings.concurrency)
                 cpu = server.cpu_seconds() - cpu0
-                after = await decision_histogram(session, server.addresses["http_addr"])
+                after = await server_metrics(session, server.addresses["http_addr"])
                 if turn == "first":
-                    warm_served, timed_served = warm_run.served, routed.served
-                decisions = after.get("count", 0.0) - before.get("count", 0.0)
-                cpu_ms = cpu * 1000 / len(timed)
-                rows.append(
-                    {
-                        "size_tokens": size,
-                        "turn": turn,
-                        "matching": settings.matching,
-                        "prompt_tokens": len(
-                            timed[0].first_tokens if turn == "first" else timed[0].follow_tokens
-                        ),
-                        "requests": len(timed),
-                        "concurrency": settings.concurrency,
-                        "envoy_p50_ms": _ms(alone.percentile(0.5)),
-                        "envoy_p99_ms": _ms(alone.percentile(0.99)),
-                        "envoy_rps": round(alone.rps, 1),
-                        "extproc_p50_ms": _ms(routed.percentile(0.5)),
-                        "extproc_p99_ms": _ms(routed.percentile(0.99)),
-                        "extproc_rps": round(routed.rps, 1),
-                        "added_p50_ms": _ms(routed.percentile(0.5) - alone.percentile(0.5)),
-                        "added_p99_ms": _ms(routed.percentile(0.99) - alone.percentile(0.99)),
-                        "decision_p50_ms": _ms(histogram_quantile(before, after, 0.5)),
-                        "decision_p99_ms": _ms(histogram_quantile(before, after, 0.99)),
-                        "decision_mean_ms": _ms(
-                            (after.get("sum", 0.0) - before.get("sum", 0.0)) * 1000 / decisions
-                            if decisions
-                            else float("nan")
-                        ),
-                        "server_cpu_ms_per_request": _ms(cpu_ms),
-                        "server_capacity_rps": round(1000 / cpu_ms, 1) if cpu_ms > 0 else None,
-                        "index_matched_tokens": matched,
-                        "errors": alone.errors + routed.errors,
-                    }
+                    served = warm_run.served + routed.served
+                row = _row(settings, size, turn, timed[0], alone, routed, before, after, cpu)
+                row["index_matched_tokens"] = matched
+                columns, errors = await _router_cells(
+                    session, router, warm, timed, pick, settings.concurrency, alone
                 )
+                row.update(columns)
+                row["errors"] += errors
+                rows.append(row)
     return rows
+
+
+def _row(
+    settings: Settings,
+    size: int,
+    turn: str,
+    sample: Conversation,
+    alone: Run,
+    routed: Run,
+    before: ServerMetrics,
+    after: ServerMetrics,
+    cpu: float,
+) -> dict[str, Any]:
+    """One cell's Envoy-alone and Envoy + ext_proc columns."""
+    decisions = after.decisions.get("count", 0.0) - before.decisions.get("count", 0.0)
+    cpu_ms = cpu * 1000 / len(routed.latencies_ms)
+    decision_sum = after.decisions.get("sum", 0.0) - before.decisions.get("sum", 0.0)
+    return {
+        "size_tokens": size,
+        "turn": turn,
+        "matching": settings.matching,
+        "matching_mode": after.mode,
+        "prompt_tokens": len(sample.first_tokens if turn == "first" else sample.follow_tokens),
+        "requests": len(routed.latencies_ms),
+        "concurrency": settings.concurrency,
+        "envoy_p50_ms": _ms(alone.percentile(0.5)),
+        "envoy_p99_ms": _ms(alone.percentile(0.99)),
+        "envoy_rps": round(alone.rps, 1),
+        "extproc_p50_ms": _ms(routed.percentile(0.5)),
+        "extproc_p99_ms": _ms(routed.percentile(0.99)),
+        "extproc_rps": round(routed.rps, 1),
+        "added_p50_ms": _ms(routed.percentile(0.5) - alone.percentile(0.5)),
+        "added_p99_ms": _ms(routed.percentile(0.99) - alone.percentile(0.99)),
+        "decision_p50_ms": _ms(histogram_quantile(before.decisions, after.decisions, 0.5)),
+        "decision_p99_ms": _ms(histogram_quantile(before.decisions, after.decisions, 0.99)),
+        "decision_mean_ms": _ms(decision_sum * 1000 / decisions if decisions else float("nan")),
+        "server_cpu_ms_per_request": _ms(cpu_ms),
+        "server_capacity_rps": round(1000 / cpu_ms, 1) if cpu_ms > 0 else None,
+        "byte_matched_requests": (
+            int(after.byte_matched - before.byte_matched) if after.mode == "bytes" else None
+        ),
+        "errors": alone.errors + routed.errors,
+    }
+
+
+async def _router_cells(
+    session: aiohttp.ClientSession,
+    router: Router | None,
+    warm: Sequence[Conversation],
+    timed: Sequence[Conversation],
+    pick: Callable[[Conversation], bytes],
+    concurrency: int,
+    alone: Run,
+) -> tuple[dict[str, Any], int]:
+    """The vllm-router kv_aware columns of a cell (null without vllm-router), and its errors."""
+    keys = ("p50_ms", "p99_ms", "rps", "added_p50_ms", "added_p99_ms", "lookup_hits")
+    if router is None:
+        return {"vllm_router_workers": None, **{f"vllm_kv_aware_{k}": None for k in keys}}, 0
+    await drive(session, router.url, [pick(c) for c in warm], concurrency)
+    before = (await router.lookups(session)).get("hit", 0.0)
+    run = await drive(session, router.url, [pick(c) for c in timed], concurrency)
+    hits = (await router.lookups(session)).get("hit", 0.0) - before
+    columns = {
+        "vllm_router_workers": 1,
+        "vllm_kv_aware_p50_ms": _ms(run.percentile(0.5)),
+        "vllm_kv_aware_p99_ms": _ms(run.percentile(0.99)),
+        "vllm_kv_aware_rps": round(run.rps, 1),
+        "vllm_kv_aware_added_p50_ms": _ms(run.percentile(0.5) - alone.percentile(0.5)),
+        "vllm_kv_aware_added_p99_ms": _ms(run.percentile(0.99) - alone.percentile(0.99)),
+        "vllm_kv_aware_lookup_hits": int(hits),
+    }
+    return columns, run.errors
 
 
 _COLUMNS = (
     ("size_tokens", "size"),
     ("turn", "turn"),
     ("matching", "matching"),
+    ("matching_mode", "runs"),
     ("prompt_tokens", "prompt tokens"),
     ("envoy_p50_ms", "Envoy p50 ms"),
     ("envoy_p99_ms", "Envoy p99 ms"),
@@ -755,42 +966,90 @@ _COLUMNS = (
     ("server_cpu_ms_per_request", "server CPU ms/req"),
     ("server_capacity_rps", "req/s per server core"),
     ("index_matched_tokens", "index match"),
+    ("byte_matched_requests", "byte-matched requests"),
+    ("vllm_kv_aware_p50_ms", "vllm kv_aware p50 ms"),
+    ("vllm_kv_aware_p99_ms", "vllm kv_aware p99 ms"),
+    ("vllm_kv_aware_added_p50_ms", "vllm added p50 ms"),
+    ("vllm_kv_aware_added_p99_ms", "vllm added p99 ms"),
+    ("vllm_kv_aware_lookup_hits", "vllm KV hits"),
     ("errors", "errors"),
 )
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for _, h in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(str(r[k]) for k, _ in _COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k, _ in _COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _path(row: dict[str, Any]) -> str:
+    """The matching path a row measured (what the server ran, else what was asked)."""
+    return str(row.get("matching_mode") or row["matching"])
+
+
+def _vs_vllm_router(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Issue #6: our added latency below vllm-router kv_aware's at every prompt size
+    (p50 and p99 per size and turn, against the same Envoy-alone baseline)."""
+    cells = [r for r in rows if r.get("vllm_kv_aware_added_p50_ms") is not None]
+    if not cells:
+        return ["issue #6 target added latency below vllm-router kv_aware's: not measured (no vllm-router)"]
+    out = []
+    for r in cells:
+        ok = (
+            r["added_p50_ms"] < r["vllm_kv_aware_added_p50_ms"]
+            and r["added_p99_ms"] < r["vllm_kv_aware_added_p99_ms"]
+        )
+        out.append(
+            f"issue #6 target added latency below vllm-router kv_aware's at {r['size_tokens']} tokens, "
+            f"{r['turn']}, {_path(r)}: p50 {r['added_p50_ms']} vs {r['vllm_kv_aware_added_p50_ms']} ms, "
+            f"p99 {r['added_p99_ms']} vs {r['vllm_kv_aware_added_p99_ms']} ms ({_verdict(ok)})"
+        )
+    sizes = sorted({r["size_tokens"] for r in rows})
+    measured = sorted({r["size_tokens"] for r in cells})
+    every = measured == sizes and all("(met)" in line for line in out)
+    out.append(
+        f"issue #6 target added latency below vllm-router kv_aware's at every prompt size "
+        f"({', '.join(map(str, sizes))}): {_verdict(every)}"
+    )
+    return out
+
+
 def targets(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The issue's targets against the matching cells (for reading, not asserting)."""
+    """The issues' targets against the matching cells (for reading, not asserting)."""
     out = []
     by_cell = {(r["size_tokens"], r["turn"]): r for r in rows}
     size, turn, bound = TARGET_ADDED_P99_MS
     if (row := by_cell.get((size, turn))) is not None:
-        verdict = "met" if row["added_p99_ms"] <= bound else "NOT met"
+        verdict = _verdict(row["added_p99_ms"] <= bound)
         out.append(
             f"target added p99 <= {bound:g} ms at {size} tokens, {turn}: {row['added_p99_ms']} ms ({verdict})"
         )
     for size, turn, bound in TARGETS_BYTES_ADDED_P99_MS:
         row = by_cell.get((size, turn))
-        if row is not None and row["matching"] == "bytes":
-            verdict = "met" if row["added_p99_ms"] <= bound else "NOT met"
+        if row is not None and _path(row) == "bytes":
             out.append(
                 f"issue #9 target added p99 <= {bound:g} ms at {size} tokens, {turn}, bytes: "
-                f"{row['added_p99_ms']} ms ({verdict})"
+                f"{row['added_p99_ms']} ms ({_verdict(row['added_p99_ms'] <= bound)})"
             )
     size, turn, bound = TARGET_RPS
     if (row := by_cell.get((size, turn))) is not None:
         capacity = row["server_capacity_rps"] or 0.0
-        verdict = "met" if capacity >= bound else "NOT met"
         out.append(
             f"target >= {bound:g} req/s per server process at {size} tokens, {turn}: "
             f"{capacity} by CPU time, {row['extproc_rps']} measured at concurrency "
-            f"{row['concurrency']} ({verdict})"
+            f"{row['concurrency']} ({_verdict(capacity >= bound)})"
+        )
+    out += _vs_vllm_router(rows)
+    size, bound = TARGET_NEAR_ENVOY
+    for row in (r for r in rows if r["size_tokens"] == size):
+        added = row["added_p50_ms"]
+        out.append(
+            f"issue #6 target added p50 within {bound:g} ms of Envoy alone at {size} tokens, "
+            f"{row['turn']}, {_path(row)}: {added} ms ({_verdict(added <= bound)})"
         )
     return out
 
