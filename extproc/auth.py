@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 #: TokenReview audience for the read side (``/snapshot``), ``--controller-audience``.
 CONTROLLER_AUDIENCE: Final = "inferencecache.io/controller"
-#: TokenReview audience for the write side (``/policy``) in the original's later versions.
-POLICY_AUDIENCE: Final = "inferencecache.io/policy"
 #: How long a successful review is reused (one review per controller poll).
 DEFAULT_CACHE_TTL_S: Final = 30.0
 #: Cache bound; steady state is one token per endpoint, the rest absorbs rotation churn.
@@ -313,13 +311,8 @@ def validate_controller_auth_flags(
     allowed_controller_sa: str,
     insecure_disable_auth: bool,
     controller_audience: str,
-    policy_audience: str | None = None,
 ) -> str | None:
-    """The fail-closed flag rules (``validateControllerAuthFlags``): a message, or ``None``.
-
-    ``policy_audience`` is checked like ``controller_audience`` when the caller has such a
-    flag (the original's later ``--policy-audience``); ``None`` skips it.
-    """
+    """The fail-closed flag rules (``validateControllerAuthFlags``): a message, or ``None``."""
     sa = allowed_controller_sa
     if sa and insecure_disable_auth:
         return "--allowed-controller-sa and --insecure-disable-auth are mutually exclusive"
@@ -336,20 +329,16 @@ def validate_controller_auth_flags(
             "SA usernames without whitespace, so this value would never match and every controller "
             "request would 403"
         )
-    audiences = [("--controller-audience", controller_audience)]
-    if policy_audience is not None:
-        audiences.append(("--policy-audience", policy_audience))
-    for flag, value in audiences:
-        if not value.strip():
-            return (
-                f"{flag} cannot be empty or whitespace-only when --allowed-controller-sa is set; an "
-                "empty/blank audience would silently disable the defense-in-depth gate that pairs "
-                "with TokenReview.Audiences"
-            )
-        if value.strip() != value:
-            return (
-                f"{flag} has leading/trailing whitespace ({value!r}); the JWT-baked audience will not "
-                "match this value and the server would produce a runtime 401 loop instead of the "
-                "fail-fast operators expect"
-            )
+    if not controller_audience.strip():
+        return (
+            "--controller-audience cannot be empty or whitespace-only when --allowed-controller-sa is "
+            "set; an empty/blank audience would silently disable the defense-in-depth gate that pairs "
+            "with TokenReview.Audiences"
+        )
+    if controller_audience.strip() != controller_audience:
+        return (
+            f"--controller-audience has leading/trailing whitespace ({controller_audience!r}); the JWT-baked "
+            "audience will not match this value and the server would produce a runtime 401 loop "
+            "instead of the fail-fast operators expect"
+        )
     return None

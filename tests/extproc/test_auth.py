@@ -36,11 +36,14 @@ class MintedToken:
     audiences: tuple[str, ...]
 
 
+#: Another audience of ours (the original's later write-side one): the read side refuses it.
+OTHER_AUDIENCE = "inferencecache.io/policy"
+
 #: token -> identity it was minted for.
 TOKENS = {
     "controller-token": MintedToken(CONTROLLER_SA, (auth.CONTROLLER_AUDIENCE,)),
     "controller-token-2": MintedToken(CONTROLLER_SA, (auth.CONTROLLER_AUDIENCE,)),
-    "policy-token": MintedToken(CONTROLLER_SA, (auth.POLICY_AUDIENCE,)),
+    "policy-token": MintedToken(CONTROLLER_SA, (OTHER_AUDIENCE,)),
     "default-audience-token": MintedToken(CONTROLLER_SA, ("https://kubernetes.default.svc",)),
     "other-sa-token": MintedToken(OTHER_SA, (auth.CONTROLLER_AUDIENCE,)),
 }
@@ -369,31 +372,26 @@ AUD_WS = "--controller-audience has leading/trailing"
 
 
 @pytest.mark.parametrize(
-    ("sa", "insecure", "audience", "policy_audience", "error"),
+    ("sa", "insecure", "audience", "error"),
     [
-        pytest.param(SA, False, AUD, None, None, id="sa"),
-        pytest.param("", True, AUD, None, None, id="insecure"),
-        pytest.param("", True, "", "", None, id="insecure-ignores-audiences"),
-        pytest.param(SA, False, AUD, auth.POLICY_AUDIENCE, None, id="sa-with-policy-audience"),
-        pytest.param(SA, True, AUD, None, "mutually exclusive", id="both"),
-        pytest.param("", False, AUD, None, "missing --allowed-controller-sa", id="neither"),
-        pytest.param(f" {SA}", False, AUD, None, SA_WS, id="sa-space"),
-        pytest.param(f"{SA}\n", False, AUD, None, SA_WS, id="sa-newline"),
-        pytest.param(SA, False, "", None, AUD_EMPTY, id="audience-empty"),
-        pytest.param(SA, False, "  ", None, AUD_EMPTY, id="audience-blank"),
-        pytest.param(SA, False, f"{AUD} ", None, AUD_WS, id="audience-space"),
-        pytest.param(SA, False, AUD, " ", "--policy-audience cannot be empty", id="policy-audience-blank"),
-        pytest.param(SA, False, AUD, "\tx", "--policy-audience has leading/trailing", id="policy-aud-ws"),
+        pytest.param(SA, False, AUD, None, id="sa"),
+        pytest.param("", True, AUD, None, id="insecure"),
+        pytest.param("", True, "", None, id="insecure-ignores-audience"),
+        pytest.param(SA, True, AUD, "mutually exclusive", id="both"),
+        pytest.param("", False, AUD, "missing --allowed-controller-sa", id="neither"),
+        pytest.param(f" {SA}", False, AUD, SA_WS, id="sa-space"),
+        pytest.param(f"{SA}\n", False, AUD, SA_WS, id="sa-newline"),
+        pytest.param(SA, False, "", AUD_EMPTY, id="audience-empty"),
+        pytest.param(SA, False, "  ", AUD_EMPTY, id="audience-blank"),
+        pytest.param(SA, False, f"{AUD} ", AUD_WS, id="audience-space"),
+        pytest.param(SA, False, f"\t{AUD}", AUD_WS, id="audience-tab"),
     ],
 )
-def test_validate_controller_auth_flags(
-    sa: str, insecure: bool, audience: str, policy_audience: str | None, error: str | None
-) -> None:
+def test_validate_controller_auth_flags(sa: str, insecure: bool, audience: str, error: str | None) -> None:
     message = auth.validate_controller_auth_flags(
         allowed_controller_sa=sa,
         insecure_disable_auth=insecure,
         controller_audience=audience,
-        policy_audience=policy_audience,
     )
     if error is None:
         assert message is None

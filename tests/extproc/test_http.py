@@ -23,6 +23,8 @@ from inference_cache.extproc import http as ic_http
 from inference_cache.index.policy import NamespacePolicy, PolicyStore, TenantQuota
 
 CONTROLLER_SA = "system:serviceaccount:inference-cache-system:inference-cache-controller-manager"
+#: The write side's audience in these tests: each endpoint checks its own authenticator.
+WRITE_AUDIENCE = "inferencecache.io/policy"
 SNAPSHOT_BODY = b'{"generatedAt":"2026-01-01T00:00:00Z","entries":[]}\n'
 POLICY_BODY = policy_wire.encode([NamespacePolicy(namespace="team-a", eviction="lfu")], [TenantQuota("t", 5)])
 
@@ -33,7 +35,7 @@ class InProcessReviewer:
     def __init__(self) -> None:
         self.minted = {
             "read-token": (CONTROLLER_SA, auth.CONTROLLER_AUDIENCE),
-            "write-token": (CONTROLLER_SA, auth.POLICY_AUDIENCE),
+            "write-token": (CONTROLLER_SA, WRITE_AUDIENCE),
             "stranger-token": ("system:serviceaccount:default:x", auth.CONTROLLER_AUDIENCE),
         }
         self.calls = 0
@@ -125,7 +127,7 @@ async def authed_controller_client(
         snapshot_json=lambda: SNAPSHOT_BODY,
         policies=http_policy_store,
         snapshot_auth=authenticator("snapshot", auth.CONTROLLER_AUDIENCE),
-        policy_auth=authenticator("policy", auth.POLICY_AUDIENCE),
+        policy_auth=authenticator("policy", WRITE_AUDIENCE),
     )
     async for client in _serve(app):
         yield client
@@ -358,9 +360,7 @@ async def templates_client(
         snapshot_auth=None,
         policy_auth=None,
         templates=http_template_store,
-        templates_auth=auth.Authenticator(
-            http_reviewer, expected_sa=CONTROLLER_SA, audience=auth.POLICY_AUDIENCE
-        ),
+        templates_auth=auth.Authenticator(http_reviewer, expected_sa=CONTROLLER_SA, audience=WRITE_AUDIENCE),
     )
     async for client in _serve(app):
         yield client
