@@ -1,7 +1,9 @@
-"""ServiceAccount bearer-token authentication for the controller-only listener.
+"""ServiceAccount bearer-token authentication for the controller-only listener and the
+producer (write) RPCs.
 
-Owner: ``inference_cache.extproc``. ``extproc.http`` wraps ``/snapshot`` and ``/policy`` each
-in its own :class:`Authenticator` (separate caches and result counters); the composition
+Owner: ``inference_cache.extproc``. ``extproc.http`` wraps ``/snapshot``, ``/policy`` and
+``/templates`` each in its own :class:`Authenticator` (separate caches and result counters);
+``extproc.serve``'s producer auth chains one per ``--allowed-producer-sa``. The composition
 root (``extproc.serve``) builds the :class:`KubeTokenReviewer` from the in-cluster config and
 checks the startup flags with :func:`validate_controller_auth_flags` (exit 2 on a message).
 
@@ -55,7 +57,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AuthResult(enum.StrEnum):
-    """The ``result`` label of ``inferencecache_{snapshot,policy}_auth_total``."""
+    """The ``result`` label of ``inferencecache_{snapshot,policy,templates,producer}_auth_total``."""
 
     OK = "ok"
     UNAUTH = "unauth"

@@ -80,7 +80,7 @@ class ServerSettings:
     grpc_bind_address: str = ":9090"
     #: Public HTTP: ``/healthz``, ``/readyz``, ``/metrics``.
     http_bind_address: str = ":8080"
-    #: Controller-only HTTP: ``/snapshot``, ``/policy``.
+    #: Controller-only HTTP: ``/snapshot``, ``/policy``, ``/templates``.
     snapshot_bind_address: str = ":8081"
     #: The only ServiceAccount allowed on the controller listener.
     allowed_controller_sa: str = ""
