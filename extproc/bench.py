@@ -766,6 +766,30 @@ async def start_router(
     )
 
 
+async def publish_first_turns(
+    kv: bench_peers.KvEvents,
+    convs: Sequence[Conversation],
+    served: Sequence[str | None],
+    stub: pb_grpc.InferenceCacheStub,
+    router: Router | None,
+    session: aiohttp.ClientSession,
+    tok: tokenizer_mod.PromptTokenizer,
+) -> None:
+    """Publish each first turn's blocks on the engine that served it through ext_proc (and
+    all of them on vllm-router's one worker, which served them all), then wait until the
+    server and vllm-router have ingested them."""
+    for conv, replica in zip(convs, served, strict=True):
+        if replica is not None:
+            kv.publishers[replica].stored(conv.first_tokens)
+    await await_ingested(stub, convs, served)
+    if router is not None:
+        for conv in convs:
+            kv.publishers[router.worker].stored(conv.first_tokens)
+        probe_body, probe_tokens = ingest_probe(tok)
+        kv.publishers[router.worker].stored(probe_tokens)
+        await router.await_hit(session, probe_body)
+
+
 def _ms(x: float) -> float:
     return round(x, 3)
 
@@ -834,26 +858,14 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
             for turn in ("first", "follow-up"):
                 matched = None
                 if turn == "follow-up":
-                    progress(f"{size} tokens: publishing the first turns' KV events, waiting for the index")
-                    for conv, replica in zip(convs, served, strict=True):
-                        if replica is not None:
-                            kv.publishers[replica].stored(conv.first_tokens)
-                    if router is not None:  # its one worker served every first turn
-                        for conv in convs:
-                            kv.publishers[router.worker].stored(conv.first_tokens)
-                    await await_ingested(stub, convs, served)
+                    progress(f"{size} tokens: publishing the first turns' KV events, waiting for them")
+                    await publish_first_turns(kv, convs, served, stub, router, session, tok)
                     matched = await index_match(stub, timed[0].follow_tokens, served[settings.warmup])
-                    if router is not None:
-                        probe_body, probe_tokens = ingest_probe(tok)
-                        kv.publishers[router.worker].stored(probe_tokens)
-                        await router.await_hit(session, probe_body)
                 pick: Callable[[Conversation], bytes] = (
                     (lambda c: c.first) if turn == "first" else (lambda c: c.follow_up)
                 )
-                progress(
-                    f"{size} tokens, {turn} turn: Envoy alone, Envoy + ext_proc"
-                    + (", vllm-router" * bool(router))
-                )
+                fronts = "Envoy alone, Envoy + ext_proc" + (", vllm-router" if router else "")
+                progress(f"{size} tokens, {turn} turn: {fronts}")
                 await drive(session, alone_envoy.url, [pick(c) for c in warm], settings.concurrency)
                 alone = await drive(session, alone_envoy.url, [pick(c) for c in timed], settings.concurrency)
                 warm_run = await drive(session, with_envoy.url, [pick(c) for c in warm], settings.concurrency)
@@ -864,8 +876,7 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
                 after = await server_metrics(session, server.addresses["http_addr"])
                 if turn == "first":
                     served = warm_run.served + routed.served
-                row = _row(settings, size, turn, timed[0], alone, routed, before, after, cpu)
-                row["index_matched_tokens"] = matched
+                row = _row(settings, size, turn, timed[0], alone, routed, (before, after), cpu, matched)
                 columns, errors = await _router_cells(
                     session, router, warm, timed, pick, settings.concurrency, alone
                 )
@@ -882,11 +893,13 @@ def _row(
     sample: Conversation,
     alone: Run,
     routed: Run,
-    before: ServerMetrics,
-    after: ServerMetrics,
+    scrapes: tuple[ServerMetrics, ServerMetrics],
     cpu: float,
+    matched: int | None,
 ) -> dict[str, Any]:
-    """One cell's Envoy-alone and Envoy + ext_proc columns."""
+    """One cell's Envoy-alone and Envoy + ext_proc columns (``scrapes``: the server's
+    metrics before and after the timed requests; ``matched``: the index match, follow-ups)."""
+    before, after = scrapes
     decisions = after.decisions.get("count", 0.0) - before.decisions.get("count", 0.0)
     cpu_ms = cpu * 1000 / len(routed.latencies_ms)
     decision_sum = after.decisions.get("sum", 0.0) - before.decisions.get("sum", 0.0)
@@ -911,6 +924,7 @@ def _row(
         "decision_mean_ms": _ms(decision_sum * 1000 / decisions if decisions else float("nan")),
         "server_cpu_ms_per_request": _ms(cpu_ms),
         "server_capacity_rps": round(1000 / cpu_ms, 1) if cpu_ms > 0 else None,
+        "index_matched_tokens": matched,
         "byte_matched_requests": (
             int(after.byte_matched - before.byte_matched) if after.mode == "bytes" else None
         ),
