@@ -176,7 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", type=Path, default=QWEN_TOKENIZER, help=f"model tokenizer (default {QWEN_TOKENIZER})"
     )
     parser.add_argument(
-        "--no-taskset", action="store_true", help="do not pin the server to core 0 (and the rest to core 1)"
+        "--no-taskset",
+        action="store_true",
+        help="do not pin the server and vllm-router to core 0 (and the rest to core 1)",
     )
     parser.add_argument(
         "--profile-server",
