@@ -113,9 +113,9 @@ _FLAG_HELP: dict[str, str] = {
     "grpc_bind_address": "gRPC listen address (':port' = all interfaces)",
     "http_bind_address": "public HTTP listen address: /healthz /readyz /metrics",
     "snapshot_bind_address": "controller-only HTTP listen address: /snapshot /policy /templates",
-    "allowed_controller_sa": "the ServiceAccount allowed on /snapshot and /policy, e.g. "
-    "system:serviceaccount:inference-cache-system:inference-cache-controller-manager",
-    "insecure_disable_auth": "no auth on /snapshot and /policy (local development only)",
+    "allowed_controller_sa": "the ServiceAccount allowed on /snapshot, /policy and /templates, e.g. "
+    "system:serviceaccount:inference-cache-system:inference-cache-operator",
+    "insecure_disable_auth": "no auth on /snapshot, /policy and /templates (local development only)",
     "controller_audience": "TokenReview audience of controller tokens",
     "tls_cert_file": "PEM certificate for gRPC TLS (with --tls-key-file)",
     "tls_key_file": "PEM private key for gRPC TLS (with --tls-cert-file)",
