@@ -175,22 +175,25 @@ class _ScopeBytes:
     def __init__(self) -> None:
         #: node (an 8-byte token-chain key, ``ROOT`` or a salt root's key) -> its children's
         #: byte lengths: ``length << 32 | edges`` for one length (the common case), else
-        #: ``{length: edges}``.
-        self.children: dict[bytes, int | dict[int, int]] = {}
+        #: ``(length, edges)`` u32 pairs by length, packed in bytes (``child_lengths``).
+        #: Every structure here holds only ints and bytes, so the cyclic GC never tracks
+        #: (and never walks) them, whatever their size: see ``mapper._pack``.
+        self.children: dict[bytes, int | bytes] = {}
         #: byte edge key -> the token-chain key of the block it stands for.
         self.edges: dict[int, bytes] = {}
         #: token-chain key -> ``edge | parent << 64 | length << 128 | last << 160 | holders << 176``
         #: (``last``: byte length of the block's final token; ``holders``: replicas).
         self.blocks: dict[bytes, int] = {}
-        #: replica -> the token-chain keys it holds here.
-        self.held: dict[str, set[bytes]] = {}
+        #: replica -> the token-chain keys it holds here (a dict as a set: a set is
+        #: always GC-tracked).
+        self.held: dict[str, dict[bytes, None]] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class ChainView:
     """Read access to one scope's byte chain (valid only inside ``ByteIndex.reading``)."""
 
-    children: Mapping[bytes, int | Mapping[int, int]]
+    children: Mapping[bytes, int | bytes]
     edges: Mapping[int, bytes]
     blocks: Mapping[bytes, int]
 
@@ -263,7 +266,7 @@ class ByteIndex:
             sc = self._scopes.get(scope)
             if sc is None:
                 sc = self._scopes[scope] = _ScopeBytes()
-            held = sc.held.setdefault(replica_id, set())
+            held = sc.held.setdefault(replica_id, {})
             for i, key in enumerate(keys):
                 if key in held:
                     node = key
@@ -290,7 +293,7 @@ class ByteIndex:
                         self._ratio_bytes //= 2
                         self._ratio_tokens //= 2
                 sc.blocks[key] = packed + (1 << _HOLD_SHIFT)
-                held.add(key)
+                held[key] = None
                 self.entries += 1
                 node = key
             if not held:
@@ -306,7 +309,7 @@ class ByteIndex:
                 return
             for key in keys:
                 if key in held:
-                    held.discard(key)
+                    del held[key]
                     self._unref(sc, key)
             self._prune(scope, sc, replica_id)
 
@@ -372,12 +375,19 @@ class ByteIndex:
             return len(sc.held.get(replica_id, ())) if sc is not None else 0
 
 
-def child_lengths(value: int | Mapping[int, int]) -> list[int]:
+def child_lengths(value: int | bytes) -> list[int]:
     """The byte lengths of a node's children, ascending (from ``ChainView.children``)."""
-    return [value >> 32] if isinstance(value, int) else sorted(value)
+    return [value >> 32] if isinstance(value, int) else [length for length, _ in _PAIRS.iter_unpack(value)]
 
 
-def _add_length(children: dict[bytes, int | dict[int, int]], node: bytes, length: int) -> None:
+_PAIRS = struct.Struct("<II")
+
+
+def _pairs(counts: Mapping[int, int]) -> bytes:
+    return b"".join(_PAIRS.pack(length, n) for length, n in sorted(counts.items()))
+
+
+def _add_length(children: dict[bytes, int | bytes], node: bytes, length: int) -> None:
     value = children.get(node)
     if value is None:
         children[node] = length << 32 | 1
@@ -385,12 +395,14 @@ def _add_length(children: dict[bytes, int | dict[int, int]], node: bytes, length
         if value >> 32 == length:
             children[node] = value + 1
         else:
-            children[node] = {value >> 32: value & _U32, length: 1}
+            children[node] = _pairs({value >> 32: value & _U32, length: 1})
     else:
-        value[length] = value.get(length, 0) + 1
+        counts = dict(_PAIRS.iter_unpack(value))
+        counts[length] = counts.get(length, 0) + 1
+        children[node] = _pairs(counts)
 
 
-def _drop_length(children: dict[bytes, int | dict[int, int]], node: bytes, length: int) -> None:
+def _drop_length(children: dict[bytes, int | bytes], node: bytes, length: int) -> None:
     value = children[node]
     if isinstance(value, int):
         if value & _U32 > 1:
@@ -398,9 +410,12 @@ def _drop_length(children: dict[bytes, int | dict[int, int]], node: bytes, lengt
         else:
             del children[node]
         return
-    value[length] -= 1
-    if value[length] <= 0:
-        del value[length]
-    if len(value) == 1:
-        ((only, count),) = value.items()
-        children[node] = only << 32 | count
+    counts = dict(_PAIRS.iter_unpack(value))
+    counts[length] -= 1
+    if counts[length] <= 0:
+        del counts[length]
+    if len(counts) == 1:
+        ((only, n),) = counts.items()
+        children[node] = only << 32 | n
+    else:
+        children[node] = _pairs(counts)

@@ -233,7 +233,7 @@ class ByteMatcher:
                     break
                 pos, node = end, key
             else:
-                found = self._children(chain, view, node, pos, sorted(lengths))
+                found = self._children(chain, view, node, pos, bytekeys.child_lengths(lengths))
                 if not found:
                     break
                 if len(found) > 1:

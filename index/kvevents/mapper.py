@@ -30,7 +30,7 @@ first one), removals and clears, with the very key objects the sink gets.
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -66,12 +66,33 @@ class BlockSink(Protocol):
     def replica_cleared(self, replica_id: str, *, model: str, tenant: str) -> None: ...
 
 
-_Ref = tuple[Scope, bytes]
+# A model block's node (the common case: every vLLM block) is one int, so a rank's
+# ``nodes`` dict holds only ints and stays outside the cyclic GC: it is never traversed
+# by a collection, however many blocks the engine holds (a ``_Node`` object per block
+# made a full collection cost ~85 ms at 200k blocks, paid inline by whatever request the
+# event loop was serving; docs/benchmarks.md "GC pauses"). Bits: the block's prefix hash
+# (64), the cumulative tokens (39), whether the node holds a reference to its key (1), the
+# scope id (the rest).
+_PREFIX_MASK = (1 << 64) - 1
+_TOKENS_SHIFT = 64
+_TOKENS_MASK = (1 << 39) - 1
+_REF = 1 << 103
+_SCOPE_SHIFT = 104
+
+
+def _pack(prefix: int, tokens: int, scope_id: int) -> int:
+    """A completed block's node, holding one reference to its key."""
+    return prefix | tokens << _TOKENS_SHIFT | _REF | scope_id << _SCOPE_SHIFT
+
+
+def _tokens(node: int) -> int:
+    return (node >> _TOKENS_SHIFT) & _TOKENS_MASK
 
 
 @dataclass(slots=True)
 class _Node:
-    """What we know about one engine hash (a vLLM block or an SGLang page)."""
+    """A chain position that is not one packed int: a fresh chain's root, or an SGLang
+    page that leaves a partial model block pending (GC-tracked, SGLang only)."""
 
     #: Our prefix hash through the last complete model block (``None``: fresh, unsalted).
     prefix: int | None
@@ -81,17 +102,26 @@ class _Node:
     pending: tuple[int, ...] = ()
     #: Engine hashes of the pages in that partial block, this one included.
     pending_pages: tuple[int, ...] = ()
-    #: The key this node completed (it holds one reference to it).
-    ref: _Ref | None = None
-    #: Nodes that completed a model block this page is part of (SGLang).
+    #: Engine hashes of the pages that completed a model block this page is part of.
     completed_by: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, node: int) -> _Node:
+        return cls(node & _PREFIX_MASK, _tokens(node))
 
 
 @dataclass(slots=True)
 class _Rank:
-    nodes: dict[int, _Node] = field(default_factory=dict)
+    #: engine hash -> packed node (``_pack``) of a page that completed a model block.
+    nodes: dict[int, int] = field(default_factory=dict)
+    #: engine hash -> node of a page that leaves a partial model block (SGLang).
+    partial: dict[int, _Node] = field(default_factory=dict)
     #: ``group_idx`` values whose stores we indexed (removals of other groups are skipped).
     groups: set[int | None] = field(default_factory=set)
+
+    def get(self, engine_hash: int) -> _Node | None:
+        node = self.nodes.get(engine_hash)
+        return _Node.of(node) if node is not None else self.partial.get(engine_hash)
 
 
 class Mapper:
@@ -110,7 +140,11 @@ class Mapper:
         self._bytes = bytes_sink
         self.counters = counters if counters is not None else Counters()
         self._ranks: dict[int, _Rank] = {}
-        self._refs: Counter[_Ref] = Counter()
+        #: scope id -> our key -> the nodes (over all ranks) holding a reference to it
+        #: (bytes -> int dicts: outside the cyclic GC, as ``_Rank.nodes``).
+        self._refs: dict[int, dict[bytes, int]] = {}
+        self._scopes: list[Scope] = []
+        self._scope_ids: dict[Scope, int] = {}
 
     def apply(self, batch: decode.EventBatch, *, rank: int = 0) -> None:
         """Apply one decoded batch published by ``rank``."""
@@ -167,13 +201,14 @@ class Mapper:
                 return
             cur = _Node(prefix=fingerprint.salt_root(salt) if salt else None, tokens=0)
         else:
-            parent = state.nodes.get(ev.parent_block_hash)
+            parent = state.get(ev.parent_block_hash)
             if parent is None:
                 self.counters.orphan_blocks += n
                 return
             cur = parent
         state.groups.add(ev.group_idx)
         scope = Scope(self._config.tenant, self._config.model, HASH_SCHEME_VLLM, adapter)
+        scope_id = self._scope_id(scope)
         page = ev.block_size
         keys: list[bytes] = []
         counts: list[int] = []
@@ -190,65 +225,53 @@ class Mapper:
                 whole = fingerprint.prefix_hashes(ev.token_ids, page, parent=cur.prefix)
             except ValueError:
                 whole = None  # a bad token id: the per-block path finds which block
+        bs = self._config.block_size
+        prefix, tokens, pending, pages = cur.prefix, cur.tokens, cur.pending, cur.pending_pages
         for i, engine_hash in enumerate(ev.block_hashes):
             why = _block_extra_reason(ev.extra_keys, i)
             if why is not None:
                 self.counters.skipped_blocks[why] += n - i
                 break
             page_tokens = ev.token_ids[i * page : (i + 1) * page]
-            node: _Node | None
             if whole is not None and i < len(whole):
-                node = self._complete(cur, whole[i], scope)
+                completed = whole[i]
             else:
-                node = self._advance(cur, page_tokens, engine_hash, scope, state)
-            if node is None:
-                self.counters.skipped_blocks["token_ids"] += n - i
-                break
+                step = _advance(prefix, pending, pages, page_tokens, engine_hash, bs, state)
+                if step is None:
+                    self.counters.skipped_blocks["token_ids"] += n - i
+                    break
+                if isinstance(step, _Node):
+                    step.tokens = tokens
+                    old = state.nodes.pop(engine_hash, None)
+                    if old is not None:
+                        self._drop_ref(old, gone)
+                    state.partial[engine_hash] = step
+                    pending, pages = step.pending, step.pending_pages
+                    continue
+                completed = step
+            key = fingerprint.key_bytes(completed)
+            refs = self._refs.setdefault(scope_id, {})
+            refs[key] = refs.get(key, 0) + 1
+            if not keys:
+                first_parent = prefix
+            if self._bytes is not None:
+                block_tokens.extend(pending)
+                block_tokens.extend(page_tokens)
+            prefix, tokens, pending, pages = completed, tokens + bs, (), ()
             old = state.nodes.get(engine_hash)
-            state.nodes[engine_hash] = node
+            state.nodes[engine_hash] = _pack(completed, tokens, scope_id)
             if old is not None:
                 self._drop_ref(old, gone)
-            if node.ref is not None:
-                if not keys:
-                    first_parent = cur.prefix
-                keys.append(node.ref[1])
-                counts.append(node.tokens)
-                if self._bytes is not None:
-                    block_tokens.extend(cur.pending)
-                    block_tokens.extend(page_tokens)
-            cur = node
+            elif state.partial:
+                state.partial.pop(engine_hash, None)
+            keys.append(key)
+            counts.append(tokens)
         self._emit_removed(gone)
         if keys:
             # bytes first: an entry the index evicts on this very write leaves both
             if self._bytes is not None:
                 self._bytes.blocks_stored(scope, self._config.replica_id, first_parent, keys, block_tokens)
             self._sink.blocks_stored(scope, self._config.replica_id, keys, counts, ts)
-
-    def _advance(
-        self, parent: _Node, page_tokens: Sequence[int], engine_hash: int, scope: Scope, state: _Rank
-    ) -> _Node | None:
-        """The node of one page chained after ``parent`` (completing a block if it fills)."""
-        pending = parent.pending + tuple(page_tokens)
-        pages = (*parent.pending_pages, engine_hash)
-        bs = self._config.block_size
-        if len(pending) < bs:
-            return _Node(parent.prefix, parent.tokens, pending, pages)
-        try:
-            (prefix,) = fingerprint.prefix_hashes(pending, bs, parent=parent.prefix)
-        except ValueError:
-            return None
-        for member in pages[:-1]:
-            member_node = state.nodes.get(member)
-            if member_node is not None:
-                member_node.completed_by.append(engine_hash)
-        return self._complete(parent, prefix, scope)
-
-    def _complete(self, parent: _Node, prefix: int, scope: Scope) -> _Node:
-        """The node of a model block completed after ``parent`` with prefix hash ``prefix``
-        (it holds one reference to its key)."""
-        ref = (scope, fingerprint.key_bytes(prefix))
-        self._refs[ref] += 1
-        return _Node(prefix, parent.tokens + self._config.block_size, ref=ref)
 
     def _removed(self, ev: decode.BlockRemoved, rank: int) -> None:
         n = len(ev.block_hashes)
@@ -265,14 +288,19 @@ class Mapper:
         gone: dict[Scope, list[bytes]] = defaultdict(list)
         for engine_hash in ev.block_hashes:
             node = state.nodes.pop(engine_hash, None)
-            if node is None:
+            if node is not None:
+                self._drop_ref(node, gone)
+                continue
+            partial = state.partial.pop(engine_hash, None)
+            if partial is None:
                 self.counters.unknown_removals += 1
                 continue
-            self._drop_ref(node, gone)
-            for completer in node.completed_by:
+            # Removing any page of a model block removes the block (SGLang).
+            for completer in partial.completed_by:
                 other = state.nodes.get(completer)
-                if other is not None:
+                if other is not None and other & _REF:
                     self._drop_ref(other, gone)
+                    state.nodes[completer] = other & ~_REF
         self._emit_removed(gone)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -299,20 +327,62 @@ class Mapper:
             return ""
         return self._config.lora_names.get(ev.lora_id)
 
-    def _drop_ref(self, node: _Node, gone: dict[Scope, list[bytes]]) -> None:
-        ref, node.ref = node.ref, None
-        if ref is None:
+    def _scope_id(self, scope: Scope) -> int:
+        sid = self._scope_ids.get(scope)
+        if sid is None:
+            sid = self._scope_ids[scope] = len(self._scopes)
+            self._scopes.append(scope)
+        return sid
+
+    def _drop_ref(self, node: int, gone: dict[Scope, list[bytes]]) -> None:
+        """Release the reference ``node`` holds (if it still does): its key is gone from
+        this replica when no node of any rank holds it."""
+        if not node & _REF:
             return
-        self._refs[ref] -= 1
-        if self._refs[ref] <= 0:
-            del self._refs[ref]
-            gone[ref[0]].append(ref[1])
+        sid = node >> _SCOPE_SHIFT
+        refs = self._refs[sid]
+        key = fingerprint.key_bytes(node & _PREFIX_MASK)
+        left = refs[key] - 1
+        if left > 0:
+            refs[key] = left
+            return
+        del refs[key]
+        if not refs:
+            del self._refs[sid]
+        gone[self._scopes[sid]].append(key)
 
     def _emit_removed(self, gone: dict[Scope, list[bytes]]) -> None:
         for scope, keys in gone.items():
             self._sink.blocks_removed(scope, self._config.replica_id, keys)
             if self._bytes is not None:
                 self._bytes.blocks_removed(scope, self._config.replica_id, keys)
+
+
+def _advance(
+    prefix: int | None,
+    pending: tuple[int, ...],
+    pages: tuple[int, ...],
+    page_tokens: Sequence[int],
+    engine_hash: int,
+    block_size: int,
+    state: _Rank,
+) -> int | _Node | None:
+    """One page chained after a node with ``prefix`` and ``pending`` tokens in pages
+    ``pages`` (SGLang): the completed block's prefix hash, or the page's partial node
+    (its ``tokens`` left for the caller), or ``None`` for a bad token id."""
+    pending = pending + tuple(page_tokens)
+    pages = (*pages, engine_hash)
+    if len(pending) < block_size:
+        return _Node(prefix, 0, pending, pages)
+    try:
+        (completed,) = fingerprint.prefix_hashes(pending, block_size, parent=prefix)
+    except ValueError:
+        return None
+    for member in pages[:-1]:
+        member_node = state.partial.get(member)
+        if member_node is not None:
+            member_node.completed_by.append(engine_hash)
+    return completed
 
 
 def _gpu(medium: str | None) -> bool:
