@@ -31,18 +31,30 @@ prompt only in a burst of a prefix no engine has confirmed yet.
 
 ``scope_key`` is any hashable (the picker passes the index's ``types.Scope``); each call
 hashes it once. Not thread-safe: the picker runs on one event loop.
+
+Storage: per scope one dict from ``block key + replica suffix`` (4 bytes per replica) to
+``expires_us << 24 | tokens_per_block``: ints and bytes only, so the cyclic GC never
+tracks it. A dict of per-key dicts of tuples was walked entry by entry by every full
+collection: about 10-15 ms of CPU inline in some request with 150k live entries (a burst
+of 32k-token first turns), ~100 ms at the 1M entry bound (docs/benchmarks.md, "GC pauses").
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 Clock = Callable[[], float]
 #: Expired recordings ``record`` drops per call (the rest wait for ``sweep``).
 RECORD_EXPIRY_BUDGET = 2
-#: block key -> replica -> (expires at, tokens per block)
-_Holders = dict[bytes, dict[str, tuple[float, int]]]
+_TOKENS_BITS = 24
+_TOKENS_MASK = (1 << _TOKENS_BITS) - 1
+_SUFFIX = struct.Struct("<I")
+
+
+def _us(t: float) -> int:
+    return int(t * 1_000_000)
 
 
 class SpeculativeIndex:
@@ -54,9 +66,14 @@ class SpeculativeIndex:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._clock = clock
-        self._scopes: dict[Hashable, _Holders] = {}
-        #: (expires at, scope_key, replica, keys) per record() call, oldest first.
-        self._recordings: deque[tuple[float, Hashable, str, Sequence[bytes]]] = deque()
+        #: scope -> block key + replica suffix -> ``expires_us << 24 | tokens per block``.
+        self._scopes: dict[Hashable, dict[bytes, int]] = {}
+        #: scope -> replica -> its entries there (the replicas a walk may start from).
+        self._held: dict[Hashable, dict[str, int]] = {}
+        self._suffixes: dict[str, bytes] = {}
+        self._next_suffix = 0
+        #: (expires at µs, scope_key, replica, keys) per record() call, oldest first.
+        self._recordings: deque[tuple[int, Hashable, str, tuple[bytes, ...]]] = deque()
         self._entries = 0
 
     @property
@@ -78,29 +95,32 @@ class SpeculativeIndex:
         ``keys[start:]`` are recorded."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
+        if not 0 < tokens_per_block <= _TOKENS_MASK:
+            raise ValueError(f"tokens_per_block must be in 1..{_TOKENS_MASK}, got {tokens_per_block}")
         if start:
             keys = keys[start:]
         if not keys:
             return
         now = self._clock()
-        self._expire(now, RECORD_EXPIRY_BUDGET)
+        self._expire(_us(now), RECORD_EXPIRY_BUDGET)
         holders = self._scopes.get(scope_key)
         if holders is None:
             holders = self._scopes[scope_key] = {}
-        expires = now + self.ttl_s
-        entry = (expires, tokens_per_block)
-        added = 0
+        suffix = self._suffixes.get(replica_id)
+        if suffix is None:
+            suffix = self._suffixes[replica_id] = _SUFFIX.pack(self._next_suffix)
+            self._next_suffix += 1
+        expires = _us(now + self.ttl_s)
+        value = expires << _TOKENS_BITS | tokens_per_block
+        before = len(holders)
         for key in keys:
-            held = holders.get(key)
-            if held is None:
-                holders[key] = {replica_id: entry}
-                added += 1
-            else:
-                if replica_id not in held:
-                    added += 1
-                held[replica_id] = entry
-        self._entries += added
-        self._recordings.append((expires, scope_key, replica_id, keys))
+            holders[key + suffix] = value
+        added = len(holders) - before
+        if added:
+            counts = self._held.setdefault(scope_key, {})
+            counts[replica_id] = counts.get(replica_id, 0) + added
+            self._entries += added
+        self._recordings.append((expires, scope_key, replica_id, tuple(keys)))
         while self._entries > self.max_entries and self._recordings:
             self._drop_oldest()
 
@@ -129,17 +149,22 @@ class SpeculativeIndex:
 
     def forget(self, replica_id: str) -> None:
         """Drop every entry of ``replica_id`` (its engine restarted or resynced: what we
-        guessed it would cache is gone). O(entries); rare."""
-        removed = 0
-        for scope_key, holders in list(self._scopes.items()):
-            for key, held in list(holders.items()):
-                if held.pop(replica_id, None) is not None:
-                    removed += 1
-                    if not held:
-                        del holders[key]
+        guessed it would cache is gone). O(entries of the scopes it holds entries in); rare."""
+        suffix = self._suffixes.pop(replica_id, None)
+        if suffix is None:
+            return
+        for scope_key, counts in list(self._held.items()):
+            if counts.pop(replica_id, None) is None:
+                continue
+            holders = self._scopes[scope_key]
+            mine = [k for k in holders if k.endswith(suffix)]
+            for k in mine:
+                del holders[k]
+            self._entries -= len(mine)
+            if not counts:
+                del self._held[scope_key]
             if not holders:
                 del self._scopes[scope_key]
-        self._entries -= removed
 
     def sweep(self, max_keys: int | None = None) -> int:
         """Drop expired entries now, oldest recording first; returns how many were dropped.
@@ -150,13 +175,13 @@ class SpeculativeIndex:
         server sweeps in slices, yielding between them, while :attr:`expired` says more
         are due). ``None``: everything expired."""
         before = self._entries
-        self._expire(self._clock(), max_keys, by_keys=True)
+        self._expire(_us(self._clock()), max_keys, by_keys=True)
         return before - self._entries
 
     @property
     def expired(self) -> bool:
         """Some recording has expired and waits for ``sweep``."""
-        return bool(self._recordings) and self._recordings[0][0] <= self._clock()
+        return bool(self._recordings) and self._recordings[0][0] <= _us(self._clock())
 
     def _walk(
         self,
@@ -169,30 +194,32 @@ class SpeculativeIndex:
         if not holders or not keys:
             return {}
         starts = {rid: n for rid, n in after.items() if n > 0} if after else {}
-        first = holders.get(keys[0])
-        if first is not None:
-            for rid in first:
+        suffixes = self._suffixes
+        first = keys[0]
+        for rid in self._held.get(scope_key, ()):
+            if first + suffixes[rid] in holders:
                 starts.setdefault(rid, 0)
-        now = self._clock()
+        now = _us(self._clock())
         out: dict[str, tuple[int, int]] = {}
         for rid, start in starts.items():
-            if start >= len(keys):
-                continue  # the index matched it all
+            suffix = suffixes.get(rid)
+            if suffix is None or start >= len(keys):
+                continue  # nothing recorded there, or the index matched it all
             i, tokens, first_size = start, 0, 0
             for key in keys[start:] if start else keys:
-                held = holders.get(key)
-                entry = held.get(rid) if held is not None else None
-                if entry is None or entry[0] <= now:
+                value = holders.get(key + suffix)
+                if value is None or value >> _TOKENS_BITS <= now:
                     break
-                tokens += entry[1]
-                first_size = first_size or entry[1]
+                size = value & _TOKENS_MASK
+                tokens += size
+                first_size = first_size or size
                 i += 1
             if i > start:
                 before = after_tokens.get(rid) if after_tokens is not None else None
                 out[rid] = (i, tokens + (start * first_size if before is None else before))
         return out
 
-    def _expire(self, now: float, budget: int | None = None, *, by_keys: bool = False) -> None:
+    def _expire(self, now_us: int, budget: int | None = None, *, by_keys: bool = False) -> None:
         """Drop expired recordings, oldest first, while ``budget`` lasts (``None``: all): a
         recording costs 1, or with ``by_keys`` its number of keys (the last one dropped may
         overrun the budget).
@@ -201,7 +228,7 @@ class SpeculativeIndex:
         burst's worth of expired entries at once (``sweep`` takes the rest); expired
         entries never match either way."""
         recordings = self._recordings
-        while recordings and recordings[0][0] <= now and (budget is None or budget > 0):
+        while recordings and recordings[0][0] <= now_us and (budget is None or budget > 0):
             if budget is not None:
                 budget -= len(recordings[0][3]) if by_keys else 1
             self._drop_oldest()
@@ -210,19 +237,25 @@ class SpeculativeIndex:
         """Forget the oldest recording: each of its entries unless a later one refreshed it."""
         expires, scope_key, rid, keys = self._recordings.popleft()
         holders = self._scopes.get(scope_key)
-        if holders is None:
-            return
+        suffix = self._suffixes.get(rid)
+        if holders is None or suffix is None:
+            return  # forgotten since
         removed = 0
         for key in keys:
-            held = holders.get(key)
-            if held is None:
-                continue
-            entry = held.get(rid)
-            if entry is not None and entry[0] <= expires:
-                del held[rid]
+            k = key + suffix
+            value = holders.get(k)
+            if value is not None and value >> _TOKENS_BITS <= expires:
+                del holders[k]
                 removed += 1
-                if not held:
-                    del holders[key]
-        self._entries -= removed
+        if removed:
+            self._entries -= removed
+            counts = self._held[scope_key]
+            left = counts[rid] - removed
+            if left > 0:
+                counts[rid] = left
+            else:
+                del counts[rid]
+                if not counts:
+                    del self._held[scope_key]
         if not holders:
             del self._scopes[scope_key]

@@ -4,10 +4,10 @@ page grouping."""
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import gc_checks
 import pytest
 import vllm_samples
 
@@ -382,17 +382,6 @@ def test_bytes_sink_hears_a_store_before_the_index_can_evict_it() -> None:
     assert bidx.entries == 1 and bidx.heard[-1][0] == "removed"
 
 
-def _tracked_growth(work: Callable[[], object]) -> int:
-    """GC-tracked objects that ``work`` leaves alive (what every later collection walks)."""
-    gc.collect()
-    before = len(gc.get_objects())
-    kept = work()
-    gc.collect()
-    growth = len(gc.get_objects()) - before
-    del kept
-    return growth
-
-
 def test_ingest_leaves_nothing_for_the_cyclic_gc_to_walk() -> None:
     """An engine's blocks live as ints and bytes in untracked dicts (mapper nodes and refs,
     the index, the byte chain): a full collection must not grow with the blocks held (a
@@ -415,26 +404,9 @@ def test_ingest_leaves_nothing_for_the_cyclic_gc_to_walk() -> None:
             _apply(mappers[0], vllm_removed([chain * 1000 + b for b in range(25, 50)]))
         return mappers
 
-    growth = _tracked_growth(ingest)
+    growth = gc_checks.tracked_growth(ingest)
     assert index.distinct_prefixes == 2000 - 500
     assert blocks.entries == 2000 - 500
     assert growth < 50, f"{growth} GC-tracked objects kept for 1,500 blocks"
-    walked = _large_tracked_containers([index, blocks, *mappers])
+    walked = gc_checks.large_tracked_containers([index, blocks, *mappers])
     assert not walked, f"GC-tracked containers a collection walks item by item: {walked}"
-
-
-def _large_tracked_containers(roots: list[object], limit: int = 100) -> list[str]:
-    """Containers of more than ``limit`` items reachable from ``roots`` that the cyclic GC
-    tracks (each collection visits every item: one cache miss apiece)."""
-    seen: set[int] = set()
-    stack = list(roots)
-    found = []
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float)) or callable(obj):
-            continue  # callables (the clock, bound methods) lead to module globals
-        seen.add(id(obj))
-        if isinstance(obj, (dict, set, list, tuple)) and len(obj) > limit and gc.is_tracked(obj):
-            found.append(f"{type(obj).__name__} of {len(obj)}")
-        stack.extend(gc.get_referents(obj))
-    return found
