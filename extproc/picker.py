@@ -669,14 +669,14 @@ def block_keys(
         rest = fingerprint.prefix_hashes(
             encoded.ids, block_size, parent=fingerprint.key_int(known[-1]), start=len(known) * block_size
         )
-        keys = known + [fingerprint.key_bytes(h) for h in rest]
+        keys = [*known, *map(fingerprint.key_bytes, rest)]
     else:
         keys = fingerprint.chain_keys(encoded.ids, block_size, salt=salt)
     cached = encoded.cached // block_size
     if cached and memo not in encoded.block_keys:
         if len(encoded.block_keys) >= BLOCK_KEY_VARIANTS:
             encoded.block_keys.clear()
-        encoded.block_keys[memo] = keys[:cached]
+        encoded.block_keys[memo] = tuple(keys[:cached])
     return keys
 
 

@@ -566,7 +566,9 @@ class CacheStats:
 
 #: Per cached prefix: the caller's block keys of its ids (``extproc.picker``: by block size
 #: and salt, the keys of the prefix's full blocks), filled by the caller, dropped with it.
-BlockKeys = dict[Hashable, list[bytes]]
+#: Tuples: the cyclic GC untracks a tuple of bytes, where it would walk a list's every key
+#: at each full collection (a full cache holds up to a million).
+BlockKeys = dict[Hashable, tuple[bytes, ...]]
 
 
 @dataclass(slots=True)

@@ -118,7 +118,7 @@ def test_block_keys_live_beside_the_cached_prefix() -> None:
     first = cached.finish_entry(text, miss)
     assert first.ids == tok.encode(text, add_special_tokens=False)
     assert 0 < first.cached < len(first.ids)  # up to the generation prompt's <|im_start|>
-    first.block_keys["k"] = [b"x"]
+    first.block_keys["k"] = (b"x",)
     follow = tok.render_chat([*chat, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}])
     probe = cached.lookup(follow)
     assert probe.hit and len(probe.prefix) == first.cached and probe.block_keys == {"k": [b"x"]}
@@ -129,7 +129,7 @@ def test_block_keys_live_beside_the_cached_prefix() -> None:
     assert cached.lookup(text).hit is False  # max_entries=1: the first prefix went ...
     assert cached.lookup(follow).block_keys is again.block_keys  # ... the new one is here
     # the same prefix stored twice keeps its entry (and block keys): same text, same ids
-    again.block_keys["k"] = [b"y"]
+    again.block_keys["k"] = (b"y",)
     assert cached.finish_entry(follow, cached.lookup(follow)).block_keys == {"k": [b"y"]}
     assert cached.finish_entry(follow, miss_of(cached, follow)).block_keys == {"k": [b"y"]}
     # nothing cached (the prompt has no cut): no entry to keep keys in
