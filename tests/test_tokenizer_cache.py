@@ -121,7 +121,7 @@ def test_block_keys_live_beside_the_cached_prefix() -> None:
     first.block_keys["k"] = (b"x",)
     follow = tok.render_chat([*chat, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}])
     probe = cached.lookup(follow)
-    assert probe.hit and len(probe.prefix) == first.cached and probe.block_keys == {"k": [b"x"]}
+    assert probe.hit and len(probe.prefix) == first.cached and probe.block_keys == {"k": (b"x",)}
     again = cached.finish_entry(follow, probe)
     assert again.ids == tok.encode(follow, add_special_tokens=False)
     assert again.ids[: first.cached] == first.ids[: first.cached]
@@ -130,8 +130,8 @@ def test_block_keys_live_beside_the_cached_prefix() -> None:
     assert cached.lookup(follow).block_keys is again.block_keys  # ... the new one is here
     # the same prefix stored twice keeps its entry (and block keys): same text, same ids
     again.block_keys["k"] = (b"y",)
-    assert cached.finish_entry(follow, cached.lookup(follow)).block_keys == {"k": [b"y"]}
-    assert cached.finish_entry(follow, miss_of(cached, follow)).block_keys == {"k": [b"y"]}
+    assert cached.finish_entry(follow, cached.lookup(follow)).block_keys == {"k": (b"y",)}
+    assert cached.finish_entry(follow, miss_of(cached, follow)).block_keys == {"k": (b"y",)}
     # nothing cached (the prompt has no cut): no entry to keep keys in
     plain = cached.finish_entry("no added tokens", cached.lookup("no added tokens"))
     assert (plain.cached, plain.block_keys) == (0, {})
