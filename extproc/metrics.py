@@ -21,8 +21,11 @@ the original's ``docs/reference/metrics.md``; ours: ``docs/metrics.md``): ``infe
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -279,6 +282,7 @@ class ServerMetrics:
             registry=r,
         )
         self.extproc = ExtProcMetrics(r)
+        self.gc_pauses = GcPauses(r)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(StateCollector(read_index, read_ingest))
@@ -287,6 +291,43 @@ class ServerMetrics:
     def observe_lookup(self, model: str, reason_code: str, hint_used: bool, seconds: float) -> None:
         self.lookup_calls.labels(model, reason_code, "true" if hint_used else "false").inc()
         self.lookup_latency.labels(model).observe(seconds)
+
+
+GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class GcPauses:
+    """``inferencecache_gc_pause_seconds{generation}``: how long each cyclic-GC collection
+    held the interpreter (every request on the event loop waits it out). The long-lived
+    structures (index, byte chain, speculative entries) hold only ints and bytes so that
+    full collections stay short; this shows whether they do. ``start``/``stop`` add and
+    remove the ``gc.callbacks`` hook (process-wide, so the server owns its lifetime)."""
+
+    def __init__(self, r: CollectorRegistry, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.histogram = Histogram(
+            "inferencecache_gc_pause_seconds",
+            "Wall time of each cyclic-GC collection, by generation.",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
+        self._by_generation = [self.histogram.labels(str(g)) for g in range(3)]
+        self._clock = clock
+        self._started = 0.0
+
+    def start(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = self._clock()
+        else:
+            self._by_generation[info["generation"]].observe(self._clock() - self._started)
 
 
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)

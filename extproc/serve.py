@@ -711,6 +711,7 @@ class Server:
             self.warmer.start()
         if self._freeze_gc:
             freeze_long_lived()
+        self.metrics.gc_pauses.start()
         self.addresses = BoundAddresses(
             grpc=f"{config_mod.split_host_port(s.grpc_bind_address)[0]}:{grpc_port}",
             http=http_addr,
@@ -800,6 +801,7 @@ class Server:
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Graceful: health NOT_SERVING, gRPC drains ``grace`` s, HTTP closes, tasks end."""
         self.metrics.up.set(0)
+        self.metrics.gc_pauses.stop()
         for h in self._health:
             await h.enter_graceful_shutdown()
         for server in (self._extproc, self._grpc, self._producer):

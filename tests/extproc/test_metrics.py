@@ -9,6 +9,7 @@ Index state is real (RPCs and the index's own write methods); only the ingest co
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections import Counter
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -139,6 +140,28 @@ async def test_server_up_drops_to_zero_after_stop(started: list[serve.Server]) -
     assert srv.metrics.registry.get_sample_value("inferencecache_server_up") == 1
     await srv.stop()
     assert srv.metrics.registry.get_sample_value("inferencecache_server_up") == 0
+
+
+async def test_gc_pauses_are_observed_while_the_server_runs(started: list[serve.Server]) -> None:
+    """A collection while serving lands in ``inferencecache_gc_pause_seconds`` (scraped);
+    after stop the process-wide ``gc.callbacks`` hook is gone."""
+    hooks = len(gc.callbacks)
+    srv = await _start(started)
+    assert len(gc.callbacks) == hooks + 1
+    gc.collect()
+    got = await _scrape(srv)
+    assert _v(got, "inferencecache_gc_pause_seconds_count", generation="2") >= 1
+    assert _v(got, "inferencecache_gc_pause_seconds_sum", generation="2") > 0
+    await srv.stop()
+    assert len(gc.callbacks) == hooks
+    before = srv.metrics.registry.get_sample_value(
+        "inferencecache_gc_pause_seconds_count", {"generation": "2"}
+    )
+    gc.collect()
+    after = srv.metrics.registry.get_sample_value(
+        "inferencecache_gc_pause_seconds_count", {"generation": "2"}
+    )
+    assert after == before
 
 
 def test_ingest_counters_are_summed_over_endpoints() -> None:
