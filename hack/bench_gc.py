@@ -1,0 +1,75 @@
+"""What one full cyclic-GC collection costs the server's event loop, by what it holds.
+
+Owner: ``inference_cache.index`` / ``inference_cache.extproc`` (the long-lived structures).
+A collection runs inline in whatever the event loop was doing, so its time is added to
+some request's latency. Built in process like the server: ``--blocks`` vLLM blocks of real
+Qwen text ingested through the mapper into the ``Index`` and a ``ByteIndex`` over 4
+replicas (hack/bench_ingest.py's batches), then a burst of ``--recordings`` speculative
+recordings of 256 keys (what 32k-token first turns record on the byte path), then
+``gc.collect()`` timed in CPU time (median of 5), with the startup objects frozen first
+as the server does.
+
+Usage: .venv/bin/python hack/bench_gc.py [--blocks 200000] [--recordings 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+from pathlib import Path
+
+from bench_ingest import payloads
+from tokenizers import Tokenizer
+
+from inference_cache.extproc.speculative import SpeculativeIndex
+from inference_cache.index import bytekeys, store, types
+from inference_cache.index.kvevents import decode, mapper
+from inference_cache.index.kvevents.config import EndpointConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def full_collection_ms() -> float:
+    runs = []
+    for _ in range(5):
+        t0 = time.process_time()
+        gc.collect()
+        runs.append((time.process_time() - t0) * 1000)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer", type=Path, default=REPO / ".cache" / "tokenizers" / "qwen")
+    p.add_argument("--blocks", type=int, default=200_000, help="blocks ingested, in batches of 100")
+    p.add_argument("--recordings", type=int, default=600, help="speculative recordings of 256 keys")
+    args = p.parse_args()
+    tok = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
+    data = payloads(tok, args.blocks // 100, 100, 0)
+    index = store.Index(clock=time.time)
+    byte_index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tok), 16)
+    endpoints = [EndpointConfig(f"10.0.0.{i}:8000", "m", "tcp://127.0.0.1:1") for i in range(4)]
+    mappers = [mapper.Mapper(e, index, bytes_sink=byte_index) for e in endpoints]
+    gc.collect()
+    gc.freeze()
+    print("| holding | full collection, ms CPU | GC-tracked objects |")
+    print("|---|---:|---:|")
+    print(f"| nothing | {full_collection_ms():.2f} | {len(gc.get_objects())} |")
+    for i, payload in enumerate(data):
+        mappers[i % 4].apply(decode.decode_batch(payload))
+    del data
+    print(f"| {args.blocks:,} blocks (4 replicas) | {full_collection_ms():.2f} | {len(gc.get_objects())} |")
+    spec = SpeculativeIndex(ttl_s=2.0, clock=time.monotonic)
+    rng = random.Random(0)
+    scope = types.Scope("", "m", "vllm")
+    for i in range(args.recordings):
+        spec.record(scope, f"10.0.0.{i % 4}:8000", [rng.randbytes(8) for _ in range(256)], 4)
+    held = f"+ {args.recordings * 256:,} speculative entries"
+    print(f"| {held} | {full_collection_ms():.2f} | {len(gc.get_objects())} |")
+
+
+if __name__ == "__main__":
+    main()
