@@ -135,7 +135,7 @@ BENCH_OUT := bench-results
 REPORT    := $(PY) -m inference_cache.benchreport --doc docs/benchmarks.md
 Q_ROUTING := inference-cache bench routing --json $(BENCH_OUT)/routing.json
 Q_LIVE    := inference-cache bench live --repeats 3 --concurrency 8 --groups 4 --questions 12 --json $(BENCH_OUT)/live.json
-Q_EXTPROC := inference-cache bench extproc --sizes 1k,8k --requests 100 --warmup 10 --json $(BENCH_OUT)/extproc.json
+Q_EXTPROC := inference-cache bench extproc --sizes 1k,8k,32k --requests 200 --warmup 10 --json $(BENCH_OUT)/extproc.json
 Q_INDEX   := inference-cache bench index --quick --json $(BENCH_OUT)/index.json
 
 bench: bench-venv tokenizer envoy peers
@@ -158,14 +158,16 @@ bench-full: bench-venv tokenizer envoy peers
 	$(VENV)/bin/inference-cache bench live --repeats 3 --concurrency 8 --groups 8 --questions 16 --sessions 16 --turns 6 \
 	  --json $(BENCH_OUT)/full/live.json
 	for i in $(F_REPEATS); do \
-	  $(VENV)/bin/inference-cache bench extproc --json $(BENCH_OUT)/full/extproc-$$i.json || exit 1; \
+	  for m in auto tokens; do \
+	    $(VENV)/bin/inference-cache bench extproc --matching $$m --json $(BENCH_OUT)/full/extproc-$$m-$$i.json || exit 1; done; \
 	  $(VENV)/bin/inference-cache bench index --json $(BENCH_OUT)/full/index-$$i.json || exit 1; done
 	$(REPORT) --profile full \
 	  --result routing "inference-cache bench routing --workload W --json routing-W.json (W = mooncake, shared_prefix, multiturn, rag)" \
 	    $(BENCH_OUT)/full/routing-*.json \
 	  --result live "inference-cache bench live --repeats 3 --concurrency 8 --groups 8 --questions 16 --sessions 16 --turns 6 --json live.json" \
 	    $(BENCH_OUT)/full/live.json \
-	  --result extproc "inference-cache bench extproc --json extproc-N.json (N = 1..3)" $(BENCH_OUT)/full/extproc-*.json \
+	  --result extproc "inference-cache bench extproc --matching M --json extproc-M-N.json (M = auto, tokens; N = 1..3)" \
+	    $(BENCH_OUT)/full/extproc-*.json \
 	  --result index "inference-cache bench index --json index-N.json (N = 1..3)" $(BENCH_OUT)/full/index-*.json
 
 bench-index: venv

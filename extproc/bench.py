@@ -84,6 +84,7 @@ from inference_cache import config as config_mod
 from inference_cache import envoy
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import bench_peers, openai, picker
+from inference_cache.index import store
 from inference_cache.proto import pb, pb_grpc
 
 MODEL = "bench-model"
@@ -190,8 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--matching",
         choices=("tokens", "bytes", "auto"),
-        default="tokens",
-        help="the model's models[].matching (default tokens; bytes and auto take the byte path here)",
+        default="auto",
+        help="the model's models[].matching (default auto, the server's default: the byte path here, "
+        "every endpoint's KV events being subscribed directly)",
     )
     parser.add_argument(
         "--vllm-router",
@@ -221,7 +223,7 @@ class Settings:
     profile_server: Path | None = None
     seed: int = 1
     envoy_config: Path = ENVOY_CONFIG
-    matching: str = "tokens"
+    matching: str = "auto"
     #: vllm-router executable (``None`` or not executable: its cells are skipped).
     vllm_router: Path | None = None
 
@@ -1082,12 +1084,36 @@ def _pin_self(taskset: bool) -> Callable[[], None]:
     return lambda: os.sched_setaffinity(0, original)
 
 
+def capacity_notes(settings: Settings) -> list[str]:
+    """Where a cell's first turns outgrow what the server keeps (its compile-time caps), so
+    the follow-ups of the earliest conversations miss: said before measuring."""
+    notes = []
+    n = settings.warmup + settings.requests
+    cap = store.IndexSettings().max_entries
+    for size in settings.sizes:
+        blocks = n * (size // BLOCK_SIZE)
+        if blocks > cap:
+            notes.append(
+                f"note: {n} first turns of {size} tokens store ~{blocks:,} blocks, over the index's "
+                f"{cap:,}-entry cap: the earliest are evicted and their follow-ups miss (fewer --requests)"
+            )
+    budget = tokenizer_mod.CachedChatEncoder.max_tokens
+    if settings.matching == "tokens" and 2 * n * sum(settings.sizes) > budget:
+        notes.append(
+            f"note: {n} conversations per size cache ~{2 * n * sum(settings.sizes):,} token ids, over the "
+            f"tokenizer cache's {budget:,}: early follow-ups are tokenized whole (fewer --requests or sizes)"
+        )
+    return notes
+
+
 def run(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     try:
         settings = settings_from_args(args)
+        for note in capacity_notes(settings):
+            say(note)
         undo = _pin_self(settings.taskset)
         try:
             rows = asyncio.run(measure(settings, say))

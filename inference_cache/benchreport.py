@@ -46,7 +46,7 @@ END = "<!-- END GENERATED: {} -->"
 IDENTITY: dict[str, tuple[str, ...]] = {
     "routing": ("router", "workload", "replicas", "capacity_tokens"),
     "live": ("router", "workload"),
-    "extproc": ("size_tokens", "turn", "concurrency"),
+    "extproc": ("size_tokens", "turn", "matching", "concurrency"),
     "index": ("entries", "chain_blocks"),
 }
 #: Columns that only number repeats (dropped from tables).

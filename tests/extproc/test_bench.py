@@ -65,7 +65,7 @@ def test_a_tiny_run_writes_one_object_per_cell(
     out = tmp_path / "bench.json"
     argv = ["bench", "extproc", "--sizes", "64,128", "--requests", "4", "--warmup", "1"]
     argv += ["--concurrency", "2", "--engines", "2", "--no-taskset"]
-    argv += ["--tokenizer", str(TINY_TOKENIZER), "--json", str(out), *NO_ROUTER]
+    argv += ["--tokenizer", str(TINY_TOKENIZER), "--json", str(out), "--matching", "tokens", *NO_ROUTER]
     if envoy_config is not None:  # errors == 0 below: every request was routed through it
         argv += ["--envoy-config", str(bench.ENVOY_CONFIG.parent / envoy_config)]
 
@@ -396,3 +396,14 @@ def test_targets_say_when_vllm_router_was_not_measured() -> None:
         "issue #6 target added latency below vllm-router kv_aware's: not measured (no vllm-router)" in lines
     )
     assert not any("within 1.5 ms" in x for x in lines)  # no 8k cell
+
+
+def test_capacity_notes_say_when_first_turns_outgrow_the_server() -> None:
+    def settings(sizes: tuple[int, ...], requests: int, matching: str) -> bench.Settings:
+        return bench.Settings(sizes, requests, 20, 1, 4, TINY_TOKENIZER, False, matching=matching)
+
+    assert bench.capacity_notes(settings((1024, 8192, 32768), 300, "auto")) == []
+    (index_note,) = bench.capacity_notes(settings((32768,), 600, "auto"))
+    assert "620 first turns of 32768 tokens store ~1,269,760 blocks" in index_note
+    notes = bench.capacity_notes(settings((1024, 8192, 32768), 300, "tokens"))
+    assert len(notes) == 1 and "tokenizer cache" in notes[0]
