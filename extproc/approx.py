@@ -25,19 +25,87 @@ its leading run is found by binary search (O(candidates x log(blocks)) per match
 
 Estimates: ``chars_per_token`` (4, as GIE) converts characters to tokens.
 Not thread-safe: the picker runs on one event loop.
+
+Storage holds only ints and floats in plain dicts and arrays, which the cyclic GC never
+tracks: a per-replica ``OrderedDict`` and a ``set`` of replicas per key (250k tracked objects
+at 8 replicas) were walked item by item by every full collection, inline in a request. A
+replica's LRU is ``_Lru``: key -> last recorded time and log position, plus the log of keys
+in record order whose stale records (a key recorded again later) are skipped when evicting;
+holders are a bitmask of replica slots per key.
 """
 
 from __future__ import annotations
 
+import array
 import bisect
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import xxhash
 
 Clock = Callable[[], float]
 
 _xxh64 = xxhash.xxh64_intdigest
+
+
+class _Lru:
+    """Keys by last record, least recent first, outside the cyclic GC: ``at`` and ``pos``
+    are int/float dicts, the record log an ``array``; a log record is live while it is its
+    key's latest (``pos``), stale ones are skipped and compacted away."""
+
+    __slots__ = ("_base", "_head", "_log", "at", "pos")
+
+    def __init__(self) -> None:
+        #: key -> last recorded at.
+        self.at: dict[int, float] = {}
+        #: key -> position of its latest record in the log (counting compacted records).
+        self.pos: dict[int, int] = {}
+        self._log = array.array("Q")
+        self._base = 0  # records compacted away
+        self._head = 0  # the log's first record not yet consumed
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.at)
+
+    def record(self, keys: Sequence[int], now: float) -> list[int]:
+        """Record ``keys`` (distinct) in this order, as the most recent; -> the new ones."""
+        at, pos = self.at, self.pos
+        new = [key for key in dict.fromkeys(keys) if key not in at]
+        start = self._base + len(self._log)
+        at.update(dict.fromkeys(keys, now))
+        pos.update(zip(keys, range(start, start + len(keys)), strict=True))
+        self._log.extend(keys)
+        return new
+
+    def oldest(self) -> int | None:
+        """The least recently recorded key (stale log records skipped)."""
+        log, pos = self._log, self.pos
+        while self._head < len(log):
+            key = log[self._head]
+            if pos.get(key) == self._base + self._head:
+                return key
+            self._head += 1
+        return None
+
+    def pop_oldest(self, n: int = 1) -> list[int]:
+        """Remove and return the ``n`` least recently recorded keys (fewer if it has fewer)."""
+        log, pos, at = self._log, self.pos, self.at
+        base, head, end = self._base, self._head, len(self._log)
+        out: list[int] = []
+        while len(out) < n and head < end:
+            key = log[head]
+            if pos.get(key) == base + head:
+                del at[key], pos[key]
+                out.append(key)
+            head += 1
+        self._head = head
+        if head > 4096 and head * 2 > end:  # compact the log
+            del log[:head]
+            self._base += head
+            self._head = 0
+        return out
 
 
 class ApproxIndex:
@@ -64,9 +132,12 @@ class ApproxIndex:
         self.chars_per_token = chars_per_token
         self.ttl_s = ttl_s
         self._clock = clock
-        #: replica -> key -> recorded at, least recently recorded first.
-        self._lru: dict[str, OrderedDict[int, float]] = {}
-        self._holders: dict[int, set[str]] = {}
+        #: replica -> its keys by last recorded time.
+        self._lru: dict[str, _Lru] = {}
+        #: key -> bitmask of the slots (``_slots``) of the replicas holding it.
+        self._holders: dict[int, int] = {}
+        self._slots: dict[str, int] = {}
+        self._free_slots: list[int] = []
         self._size = 0
 
     @property
@@ -93,18 +164,18 @@ class ApproxIndex:
 
     def match(self, keys: Sequence[int], replicas: Iterable[str]) -> dict[str, int]:
         """Leading matched blocks per replica of ``replicas`` (only those with >= 1)."""
-        first = self._holders.get(keys[0]) if keys else None
+        first = self._holders.get(keys[0], 0) if keys else 0
         if not first:
             return {}
         cut = self._clock() - self.ttl_s
         out: dict[str, int] = {}
         for rid in replicas:
             lru = self._lru.get(rid)
-            if rid not in first or lru is None:
+            if lru is None or not first >> self._slots[rid] & 1:
                 continue
 
-            def missing(i: int, lru: OrderedDict[int, float] = lru) -> bool:
-                return lru.get(keys[i], cut) <= cut
+            def missing(i: int, at: dict[int, float] = lru.at) -> bool:
+                return at.get(keys[i], cut) <= cut
 
             blocks = bisect.bisect_left(range(len(keys)), True, key=missing)
             if blocks:
@@ -116,41 +187,44 @@ class ApproxIndex:
         now = self._clock()
         lru = self._lru.get(replica_id)
         if lru is None:
-            lru = self._lru[replica_id] = OrderedDict()
+            lru = self._lru[replica_id] = _Lru()
+            self._slots[replica_id] = self._free_slots.pop() if self._free_slots else len(self._slots)
+        bit = 1 << self._slots[replica_id]
         cut = now - self.ttl_s
-        while lru:
-            key, at = next(iter(lru.items()))
-            if at > cut:
-                break
-            self._drop(replica_id, lru, key)
-        for key in reversed(keys):
-            if key in lru:
-                lru.move_to_end(key)
-            else:
-                self._holders.setdefault(key, set()).add(replica_id)
-                self._size += 1
-            lru[key] = now
-        while len(lru) > self.capacity_blocks:
-            self._drop(replica_id, lru, next(iter(lru)))
+        while (oldest := lru.oldest()) is not None and lru.at[oldest] <= cut:
+            self._unhold(bit, lru.pop_oldest())
+        holders = self._holders
+        new = lru.record(keys[::-1], now)
+        for key in new:
+            holders[key] = holders.get(key, 0) | bit
+        self._size += len(new)
+        if len(lru) > self.capacity_blocks:
+            self._unhold(bit, lru.pop_oldest(len(lru) - self.capacity_blocks))
         if not lru:
-            del self._lru[replica_id]
+            self._forget_slot(replica_id)
 
     def forget(self, replica_id: str) -> None:
         """Drop everything recorded for ``replica_id`` (endpoint removed)."""
-        lru = self._lru.pop(replica_id, None)
+        lru = self._lru.get(replica_id)
         if lru is None:
             return
-        for key in lru:
-            self._unhold(replica_id, key)
-        self._size -= len(lru)
+        bit = 1 << self._slots[replica_id]
+        self._unhold(bit, lru)
+        self._forget_slot(replica_id)
 
-    def _drop(self, replica_id: str, lru: OrderedDict[int, float], key: int) -> None:
-        del lru[key]
-        self._size -= 1
-        self._unhold(replica_id, key)
+    def _forget_slot(self, replica_id: str) -> None:
+        del self._lru[replica_id]
+        self._free_slots.append(self._slots.pop(replica_id))
 
-    def _unhold(self, replica_id: str, key: int) -> None:
-        holders = self._holders[key]
-        holders.discard(replica_id)
-        if not holders:
-            del self._holders[key]
+    def _unhold(self, bit: int, keys: Iterable[int]) -> None:
+        """``keys`` left the replica of ``bit`` (its entries, no longer counted)."""
+        holders, mask = self._holders, ~bit
+        dropped = 0
+        for key in keys:
+            held = holders[key] & mask
+            if held:
+                holders[key] = held
+            else:
+                del holders[key]
+            dropped += 1
+        self._size -= dropped

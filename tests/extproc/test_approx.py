@@ -6,7 +6,9 @@ Time is a plain variable behind the injected clock; nothing else is faked.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
+import gc_checks
 import pytest
 
 from inference_cache.extproc.approx import ApproxIndex
@@ -138,7 +140,7 @@ def test_binary_search_agrees_with_a_linear_walk(clock: Clock) -> None:
     def walk(rid: str, keys: list[int]) -> int:
         n = 0
         for key in keys:
-            at = idx._lru.get(rid, {}).get(key)
+            at = idx._lru[rid].at.get(key) if rid in idx._lru else None
             if at is None or at <= clock.now - idx.ttl_s:
                 break
             n += 1
@@ -151,3 +153,40 @@ def test_binary_search_agrees_with_a_linear_walk(clock: Clock) -> None:
         query = rng.choice(chains)
         expected = {rid: n for rid in "abc" if (n := walk(rid, query))}
         assert idx.match(query, "abcd") == expected
+
+
+def test_entries_stay_outside_the_cyclic_gc(clock: Clock) -> None:
+    """Eight replicas' LRUs at capacity: a full collection must not walk their keys (an
+    ``OrderedDict`` per replica and a ``set`` per key did, inline in a request)."""
+    idx = ApproxIndex(block_chars=4, capacity_blocks=2_000, clock=clock)
+    rng = random.Random(5)
+
+    def fill() -> ApproxIndex:
+        for i in range(400):
+            clock.now += 0.01
+            idx.record(f"10.0.0.{i % 8}:8000", [rng.getrandbits(64) for _ in range(64)])
+        return idx
+
+    growth = gc_checks.tracked_growth(fill)
+    assert idx.size == 8 * 2_000
+    assert growth < 50, f"{growth} GC-tracked objects kept for {idx.size} entries"
+    assert gc_checks.large_tracked_containers([idx]) == []
+
+
+def test_lru_order_survives_log_compaction(clock: Clock) -> None:
+    """Against an ``OrderedDict`` model, over enough records to compact the log many times
+    (refreshes leave stale log records that must be skipped, never evicted)."""
+    idx = ApproxIndex(block_chars=4, capacity_blocks=50, ttl_s=1e9, clock=clock)
+    model: OrderedDict[int, None] = OrderedDict()
+    rng = random.Random(2)
+    for step in range(30_000):
+        key = rng.randrange(120)
+        idx.record("a", [key])
+        model[key] = None
+        model.move_to_end(key)
+        while len(model) > 50:
+            model.popitem(last=False)
+        if step % 997 == 0:
+            assert list(idx._lru["a"].at) and set(idx._lru["a"].at) == set(model)
+    assert set(idx._lru["a"].at) == set(model) and idx.size == 50
+    assert idx._lru["a"]._base > 0  # the log was compacted
