@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTOL := .tools/protol/bin/protol
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv bench-venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers bench-index bench-extproc bench-recovery compose-test e2e-kind clean
+.PHONY: help venv bench-venv test check lint typecheck proto proto-check unit run demo tokenizer envoy kubectl manifests bench bench-full peers vllm-router bench-index bench-extproc bench-recovery compose-test e2e-kind clean
 
 help:
 	@echo "make demo       4 simulated vLLM engines, the server and a real Envoy: routed vs round robin"
@@ -61,7 +61,7 @@ lint: venv
 typecheck: venv
 	cd /tmp && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p inference_cache
 
-unit: venv tokenizer envoy kubectl
+unit: venv tokenizer envoy kubectl vllm-router
 	$(VENV)/bin/pytest
 
 check: lint typecheck proto-check unit
@@ -126,6 +126,12 @@ demo: venv tokenizer envoy
 # sglang-router, vllm-router and inference-perf (the last needs a python3.12; skipped without one).
 peers:
 	-$(PYTHON) hack/peers.py
+
+# vllm-router alone (a 24 MB wheel, no torch): the tests run `bench extproc`'s kv_aware front.
+VLLM_ROUTER := .tools/peers/vllm-router/bin/vllm-router
+vllm-router: $(VLLM_ROUTER)
+$(VLLM_ROUTER):
+	$(PYTHON) hack/peers.py vllm-router
 
 # `make bench`: a quick profile (about 8 minutes here once peers are installed: inference-perf,
 # the shared-prefix client of `bench live`, starts in ~10 s per run) of routing, live, extproc

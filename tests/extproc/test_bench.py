@@ -157,12 +157,10 @@ def test_the_byte_path_measures_follow_ups_through_kv_events(tmp_path: Path, mat
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(
-    not os.access(bench_peers.VLLM_ROUTER, os.X_OK), reason="vllm-router not installed (make peers)"
-)
 def test_vllm_router_kv_aware_is_measured_beside_ours(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert os.access(bench_peers.VLLM_ROUTER, os.X_OK), "`make vllm-router` installs it (make test does)"
     out = tmp_path / "bench.json"
     argv = ["bench", "extproc", "--sizes", "64", "--requests", "3", "--warmup", "1", "--engines", "1"]
     argv += ["--no-taskset", "--tokenizer", str(TINY_TOKENIZER), "--json", str(out)]
