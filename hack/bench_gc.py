@@ -7,7 +7,8 @@ Qwen text ingested through the mapper into the ``Index`` and a ``ByteIndex`` ove
 replicas (hack/bench_ingest.py's batches), then a burst of ``--recordings`` speculative
 recordings of 256 keys (what 32k-token first turns record on the byte path), then
 ``gc.collect()`` timed in CPU time (median of 5), with the startup objects frozen first
-as the server does.
+as the server does. Then the approximate index (``matching: approximate``) filled to its
+capacity on 8 replicas, with the CPU time of one 256-key ``record`` at capacity.
 
 Usage: .venv/bin/python hack/bench_gc.py [--blocks 200000] [--recordings 600]
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from bench_ingest import payloads
 from tokenizers import Tokenizer
 
+from inference_cache.extproc.approx import ApproxIndex
 from inference_cache.extproc.speculative import SpeculativeIndex
 from inference_cache.index import bytekeys, store, types
 from inference_cache.index.kvevents import decode, mapper
@@ -68,6 +70,18 @@ def main() -> None:
     for i in range(args.recordings):
         spec.record(scope, f"10.0.0.{i % 4}:8000", [rng.randbytes(8) for _ in range(256)], 4)
     held = f"+ {args.recordings * 256:,} speculative entries"
+    print(f"| {held} | {full_collection_ms():.2f} | {len(gc.get_objects())} |")
+    clock = [0.0]
+    approx = ApproxIndex(clock=lambda: clock[0])
+    shared = [[rng.getrandbits(64) for _ in range(256)] for _ in range(100)]
+    fresh = [[rng.getrandbits(64) for _ in range(256)] for _ in range(3000)]
+    t0 = time.process_time()
+    for i in range(4000):  # 8 replicas: at capacity (31,250 keys each) from about the 1,000th
+        clock[0] += 0.01
+        approx.record(f"10.0.0.{i % 8}:8000", shared[i % 100] if i % 4 == 0 else fresh[i - i // 4 - 1])
+    record_us = (time.process_time() - t0) / 4000 * 1e6
+    del shared, fresh
+    held = f"+ approximate index, {approx.size:,} entries ({record_us:.0f} µs per 256-key record)"
     print(f"| {held} | {full_collection_ms():.2f} | {len(gc.get_objects())} |")
 
 
