@@ -47,57 +47,72 @@ Clock = Callable[[], float]
 _xxh64 = xxhash.xxh64_intdigest
 
 
-class _Lru:
-    """Keys by last record, least recent first, outside the cyclic GC: ``at`` and ``pos``
-    are int/float dicts, the record log an ``array``; a log record is live while it is its
-    key's latest (``pos``), stale ones are skipped and compacted away."""
+_US = 1_000_000
+_POS_SHIFT = 64
+_AT_MASK = (1 << _POS_SHIFT) - 1
 
-    __slots__ = ("_base", "_head", "_log", "at", "pos")
+
+def _us(t: float) -> int:
+    return int(t * _US)
+
+
+class _Lru:
+    """Keys by last record, least recent first, outside the cyclic GC: one int per key (its
+    latest record's log position and time) and the record log of keys, an ``array``; a log
+    record is live while it is its key's latest, stale ones are skipped and compacted away."""
+
+    __slots__ = ("_base", "_head", "_log", "entries")
 
     def __init__(self) -> None:
-        #: key -> last recorded at.
-        self.at: dict[int, float] = {}
-        #: key -> position of its latest record in the log (counting compacted records).
-        self.pos: dict[int, int] = {}
+        #: key -> ``log position << 64 | recorded at (µs)`` of its latest record (positions
+        #: count the records compacted away).
+        self.entries: dict[int, int] = {}
         self._log = array.array("Q")
         self._base = 0  # records compacted away
         self._head = 0  # the log's first record not yet consumed
 
     def __len__(self) -> int:
-        return len(self.at)
+        return len(self.entries)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.at)
+        return iter(self.entries)
+
+    def at(self, key: int) -> int:
+        """When ``key`` was last recorded, in µs (it must be held)."""
+        return self.entries[key] & _AT_MASK
 
     def record(self, keys: Sequence[int], now: float) -> list[int]:
-        """Record ``keys`` (distinct) in this order, as the most recent; -> the new ones."""
-        at, pos = self.at, self.pos
-        new = [key for key in dict.fromkeys(keys) if key not in at]
+        """Record ``keys`` (distinct: a chain) in this order, as the most recent; -> the new
+        ones."""
+        entries = self.entries
+        new = [key for key in keys if key not in entries]
         start = self._base + len(self._log)
-        at.update(dict.fromkeys(keys, now))
-        pos.update(zip(keys, range(start, start + len(keys)), strict=True))
+        t = _us(now)
+        entries.update(zip(keys, [p << _POS_SHIFT | t for p in range(start, start + len(keys))], strict=True))
         self._log.extend(keys)
         return new
 
     def oldest(self) -> int | None:
         """The least recently recorded key (stale log records skipped)."""
-        log, pos = self._log, self.pos
+        log, entries = self._log, self.entries
         while self._head < len(log):
             key = log[self._head]
-            if pos.get(key) == self._base + self._head:
+            value = entries.get(key)
+            if value is not None and value >> _POS_SHIFT == self._base + self._head:
                 return key
             self._head += 1
         return None
 
     def pop_oldest(self, n: int = 1) -> list[int]:
         """Remove and return the ``n`` least recently recorded keys (fewer if it has fewer)."""
-        log, pos, at = self._log, self.pos, self.at
+        log, entries = self._log, self.entries
         base, head, end = self._base, self._head, len(self._log)
         out: list[int] = []
         while len(out) < n and head < end:
             key = log[head]
-            if pos.get(key) == base + head:
-                del at[key], pos[key]
+            value = entries.get(key)
+            if value is not None and value >> _POS_SHIFT == base + head:
+                del entries[key]
                 out.append(key)
             head += 1
         self._head = head
@@ -167,15 +182,15 @@ class ApproxIndex:
         first = self._holders.get(keys[0], 0) if keys else 0
         if not first:
             return {}
-        cut = self._clock() - self.ttl_s
+        cut = _us(self._clock() - self.ttl_s)
         out: dict[str, int] = {}
         for rid in replicas:
             lru = self._lru.get(rid)
             if lru is None or not first >> self._slots[rid] & 1:
                 continue
 
-            def missing(i: int, at: dict[int, float] = lru.at) -> bool:
-                return at.get(keys[i], cut) <= cut
+            def missing(i: int, entries: dict[int, int] = lru.entries) -> bool:
+                return entries.get(keys[i], 0) & _AT_MASK <= cut
 
             blocks = bisect.bisect_left(range(len(keys)), True, key=missing)
             if blocks:
@@ -191,7 +206,8 @@ class ApproxIndex:
             self._slots[replica_id] = self._free_slots.pop() if self._free_slots else len(self._slots)
         bit = 1 << self._slots[replica_id]
         cut = now - self.ttl_s
-        while (oldest := lru.oldest()) is not None and lru.at[oldest] <= cut:
+        cut_us = _us(cut)
+        while (oldest := lru.oldest()) is not None and lru.at(oldest) <= cut_us:
             self._unhold(bit, lru.pop_oldest())
         holders = self._holders
         new = lru.record(keys[::-1], now)
