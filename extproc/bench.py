@@ -80,8 +80,8 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference_cache import children, envoy
 from inference_cache import config as config_mod
-from inference_cache import envoy
 from inference_cache import tokenizer as tokenizer_mod
 from inference_cache.extproc import bench_peers, openai, picker
 from inference_cache.index import store
@@ -725,7 +725,7 @@ class Router:
     url: str
     metrics_url: str
     worker: str
-    process: bench_peers.RouterProcess
+    process: children.Child
 
     async def lookups(self, session: aiohttp.ClientSession) -> dict[str, float]:
         return bench_peers.router_lookups(await _get_text(session, self.metrics_url))
@@ -742,7 +742,7 @@ class Router:
             if (await self.lookups(session)).get("hit", 0.0) > before:
                 return
             if time.monotonic() > deadline or not self.process.alive():
-                raise BenchError(f"vllm-router never counted a KV hit:\n{self.process.log_tail()}")
+                raise BenchError(f"vllm-router never counted a KV hit:\n{self.process.tail()}")
             await asyncio.sleep(0.05)
 
 
@@ -763,7 +763,7 @@ async def start_router(
         pin=settings.taskset,
     )
     process = await stack.enter_async_context(
-        bench_peers.RouterProcess(cmd, env, workdir / "vllm-router.log")
+        children.Child("vllm-router", cmd, workdir / "vllm-router.log", env)
     )
     return Router(
         f"http://{envoy.LOOPBACK}:{port}", f"http://{envoy.LOOPBACK}:{metrics_port}/metrics", worker, process
@@ -848,7 +848,7 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
         await _await_routing(session, alone_envoy.url, probe)
         await _await_routing(session, with_envoy.url, probe, server.log_tail)
         if router is not None:
-            await _await_routing(session, router.url, probe, router.process.log_tail)
+            await _await_routing(session, router.url, probe, router.process.tail)
         mode = (await server_metrics(session, server.addresses["http_addr"])).mode
         progress(
             f"server pid {server.pid} ({' '.join(server.command[:3])}...), matching {settings.matching} "

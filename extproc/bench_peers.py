@@ -26,10 +26,6 @@ Owner: ``inference_cache.extproc`` (used by :mod:`inference_cache.extproc.bench`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
 import socket
 import time
 import uuid
@@ -57,7 +53,6 @@ TOKENIZE_PATH = "/tokenize"
 VLLM_ROUTER = Path(__file__).resolve().parents[1] / ".tools" / "peers" / "vllm-router" / "bin" / "vllm-router"
 #: vllm-router's KV lookup counter (``result`` = hit | miss), one per routed request.
 ROUTER_LOOKUPS = "vllm_router_kv_placement_lookups"
-STOP_GRACE_S = 5.0
 
 
 # -- render / tokenize --------------------------------------------------------------------------
@@ -250,48 +245,3 @@ def router_lookups(text: str) -> dict[str, float]:
                     result = s.labels.get("result", "")
                     out[result] = out.get(result, 0.0) + s.value
     return out
-
-
-class RouterProcess:
-    """vllm-router as a child process (output to ``log``; an async context manager)."""
-
-    def __init__(self, command: Sequence[str], env: Mapping[str, str], log: Path) -> None:
-        self.command, self.env, self.log = list(command), dict(env), log
-        self._proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> RouterProcess:
-        with self.log.open("ab") as out:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env={**os.environ, **self.env},
-                start_new_session=True,
-            )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    async def stop(self) -> None:
-        if self._proc is None:
-            return
-        proc, self._proc = self._proc, None
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()

@@ -47,7 +47,6 @@ import functools
 import json
 import os
 import random
-import signal
 import socket
 import statistics
 import sys
@@ -56,7 +55,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 import yaml
@@ -64,6 +63,7 @@ import yaml
 from inference_cache import config as config_mod
 from inference_cache import demo_workload, envoy, inferenceperf
 from inference_cache import tokenizer as tokenizer_mod
+from inference_cache.children import Child
 from inference_cache.extproc import openai, picker
 from inference_cache.extproc.bench import ServerProcess, without_extproc
 from inference_cache.fakeengine.scheduler import PREFILL_SHARING, PrefillSharing
@@ -84,7 +84,6 @@ LOAD_GENERATORS = ("auto", "ours", "inference-perf")
 #: Demo-vocabulary words -> Qwen tokens (inference-perf sizes its prompts in tokens).
 TOKENS_PER_WORD = 1.3
 START_TIMEOUT_S = 60.0
-STOP_GRACE_S = 5.0
 REQUEST_TIMEOUT_S = 120.0
 
 
@@ -330,52 +329,6 @@ def free_port() -> int:
         s.bind((envoy.LOOPBACK, 0))
         port: int = s.getsockname()[1]
         return port
-
-
-class Child:
-    """One child process (output to ``log``); stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(
-        self, name: str, command: Sequence[str], log: Path, env: Mapping[str, str] | None = None
-    ) -> None:
-        self.name, self.command, self.log, self.env = name, list(command), log, env
-        self._proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self._open_log() as out:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env={**os.environ, **(self.env or {})},
-                start_new_session=True,
-            )
-
-    def _open_log(self) -> BinaryIO:
-        return self.log.open("ab")
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    def tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    async def stop(self) -> None:
-        if self._proc is None:
-            return
-        proc, self._proc = self._proc, None
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
 
 
 @dataclass(frozen=True, slots=True)
