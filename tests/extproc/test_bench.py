@@ -271,17 +271,20 @@ def test_published_kv_events_decode_as_vllm_batches(tiny: tokenizer_mod.PromptTo
 
 
 def test_the_vllm_router_command_line() -> None:
-    cmd, env = bench_peers.vllm_router_command(
-        Path("/x/vllm-router"),
-        port=7001,
-        metrics_port=7002,
-        worker="127.0.0.1:8001",
-        events_endpoint="tcp://127.0.0.1:5001",
-        model="m",
-        block_size=16,
-        tokenizer=Path("/tok"),
-        pin=True,
-    )
+    def command(*, pin: bool) -> tuple[list[str], dict[str, str]]:
+        return bench_peers.vllm_router_command(
+            Path("/x/vllm-router"),
+            port=7001,
+            metrics_port=7002,
+            worker="127.0.0.1:8001",
+            events_endpoint="tcp://127.0.0.1:5001",
+            model="m",
+            block_size=16,
+            tokenizer=Path("/tok"),
+            pin=pin,
+        )
+
+    cmd, env = command(pin=True)
     assert cmd[:4] == ["taskset", "-c", "0", "/x/vllm-router"]
     line = " ".join(cmd)
     assert "--host 127.0.0.1 --port 7001 --worker-urls http://127.0.0.1:8001 --policy kv_aware" in line
@@ -289,17 +292,7 @@ def test_the_vllm_router_command_line() -> None:
     assert "--kv-event-model m --kv-event-block-size 16" in line
     assert "--prometheus-host 127.0.0.1 --prometheus-port 7002" in line
     assert env == {"VLLM_ROUTER_TOKENIZER": "/tok"}
-    unpinned, _ = bench_peers.vllm_router_command(
-        Path("/x/vllm-router"),
-        port=7001,
-        metrics_port=7002,
-        worker="127.0.0.1:8001",
-        events_endpoint="tcp://127.0.0.1:5001",
-        model="m",
-        block_size=16,
-        tokenizer=Path("/tok"),
-        pin=False,
-    )
+    unpinned, _ = command(pin=False)
     assert unpinned == cmd[3:]
 
 
