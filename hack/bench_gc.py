@@ -8,7 +8,8 @@ replicas (hack/bench_ingest.py's batches), then a burst of ``--recordings`` spec
 recordings of 256 keys (what 32k-token first turns record on the byte path), then
 ``gc.collect()`` timed in CPU time (median of 5), with the startup objects frozen first
 as the server does. Then the approximate index (``matching: approximate``) filled to its
-capacity on 8 replicas, with the CPU time of one 256-key ``record`` at capacity.
+capacity on 8 replicas, with the CPU time of one 256-key ``record`` at capacity. Last, the
+memory the ingest keeps per block (``tracemalloc``: mapper, ``Index`` and ``ByteIndex``).
 
 Usage: .venv/bin/python hack/bench_gc.py [--blocks 200000] [--recordings 600]
 """
@@ -20,6 +21,7 @@ import gc
 import random
 import statistics
 import time
+import tracemalloc
 from pathlib import Path
 
 from bench_ingest import payloads
@@ -83,6 +85,22 @@ def main() -> None:
     del shared, fresh
     held = f"+ approximate index, {approx.size:,} entries ({record_us:.0f} µs per 256-key record)"
     print(f"| {held} | {full_collection_ms():.2f} | {len(gc.get_objects())} |")
+    del approx, spec, mappers, index, byte_index
+    gc.collect()
+    data = payloads(tok, args.blocks // 100, 100, 0)
+    batches = [decode.decode_batch(p) for p in data]
+    del data
+    tracemalloc.start()
+    index = store.Index(clock=time.time)
+    byte_index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tok), 16)
+    base = tracemalloc.get_traced_memory()[0]
+    mappers = [mapper.Mapper(e, index, bytes_sink=byte_index) for e in endpoints]
+    for i, batch in enumerate(batches):
+        mappers[i % 4].apply(batch)
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    print(f"\nmemory kept by ingest (mapper + Index + ByteIndex): {kept / args.blocks:.0f} B per block")
 
 
 if __name__ == "__main__":
