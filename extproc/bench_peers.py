@@ -26,7 +26,6 @@ Owner: ``inference_cache.extproc`` (used by :mod:`inference_cache.extproc.bench`
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference_cache import envoy
 from inference_cache.fakeengine import events, hashing, publisher
 from inference_cache.fakeengine.versions import Version
-from inference_cache.tokenizer import PromptTokenizer, TemplateError, vllm_conversation
+from inference_cache.tokenizer import PromptTokenizer, TemplateError, vllm_chat_tokens
 
 #: The vLLM the events and render answers emulate, and its prefix-caching hash.
 VLLM_VERSION: Version = (0, 33, 0)
@@ -56,23 +55,6 @@ ROUTER_LOOKUPS = "vllm_router_kv_placement_lookups"
 
 
 # -- render / tokenize --------------------------------------------------------------------------
-
-
-def chat_token_ids(tok: PromptTokenizer, body: Mapping[str, Any]) -> list[int]:
-    """The prompt token ids vLLM computes for a chat request (template, then tokenizer;
-    ``add_special_tokens`` false unless the request sets it). Raises ``TemplateError``."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise TemplateError("messages must be a list of objects")
-    kwargs = body.get("chat_template_kwargs")
-    return tok.encode_chat(
-        vllm_conversation(messages, tok.content_format(tools=body.get("tools"))),
-        add_special_tokens=bool(body.get("add_special_tokens", False)),
-        add_generation_prompt=bool(body.get("add_generation_prompt", True)),
-        continue_final_message=bool(body.get("continue_final_message", False)),
-        tools=body.get("tools"),
-        chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
-    )
 
 
 def render_answer(body: Mapping[str, Any], tokens: list[int], model: str) -> dict[str, Any]:
@@ -92,7 +74,7 @@ def render_answer(body: Mapping[str, Any], tokens: list[int], model: str) -> dic
 def tokenize_answer(tok: PromptTokenizer, body: Mapping[str, Any]) -> dict[str, Any]:
     """vLLM's ``/tokenize`` answer for ``{"messages": ...}`` or ``{"prompt": "..."}``."""
     if "messages" in body:
-        tokens = chat_token_ids(tok, body)
+        tokens = vllm_chat_tokens(tok, body)
     elif isinstance(prompt := body.get("prompt"), str):
         tokens = tok.encode(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))
     else:
@@ -117,7 +99,7 @@ def add_vllm_routes(app: web.Application, tok: PromptTokenizer, model: str) -> N
     async def render(request: web.Request) -> web.Response:
         try:
             body = await body_of(request)
-            return web.json_response(render_answer(body, chat_token_ids(tok, body), model))
+            return web.json_response(render_answer(body, vllm_chat_tokens(tok, body), model))
         except (TemplateError, ValueError) as exc:
             return bad(exc)
 
@@ -200,14 +182,6 @@ class KvEvents:
 
 
 # -- vllm-router ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port free right now (vllm-router takes no port 0)."""
-    with socket.socket() as s:
-        s.bind((envoy.LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def vllm_router_command(

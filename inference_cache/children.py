@@ -1,4 +1,5 @@
-"""A child process the benchmarks start and stop: peer routers, fake engines.
+"""A child process the benchmarks start and stop (peer routers, fake engines), and a free
+loopback port to give it.
 
 Owner: ``inference_cache`` (used by ``livebench`` and ``extproc.bench``). Output goes to a
 log file (``tail`` for error messages); the child gets its own session, and ``stop`` sends
@@ -11,11 +12,22 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from inference_cache import envoy
+
 #: Seconds between SIGTERM and SIGKILL.
 STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a child that takes no port 0)."""
+    with socket.socket() as s:
+        s.bind((envoy.LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Child:

@@ -47,7 +47,6 @@ import functools
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -63,7 +62,7 @@ import yaml
 from inference_cache import config as config_mod
 from inference_cache import demo_workload, envoy, inferenceperf
 from inference_cache import tokenizer as tokenizer_mod
-from inference_cache.children import Child
+from inference_cache.children import Child, free_port
 from inference_cache.extproc import openai, picker
 from inference_cache.extproc.bench import ServerProcess, without_extproc
 from inference_cache.fakeengine.scheduler import PREFILL_SHARING, PrefillSharing
@@ -321,14 +320,6 @@ def ideal_cached(prompts: Sequence[Sequence[int]], block_size: int) -> list[int]
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port free right now (the peers take no port 0)."""
-    with socket.socket() as s:
-        s.bind((envoy.LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, slots=True)

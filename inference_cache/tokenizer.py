@@ -284,6 +284,25 @@ def _parse_arguments(call: Any) -> Any:
     return {**call, "function": function}
 
 
+def vllm_chat_tokens(tok: PromptTokenizer, body: Mapping[str, Any]) -> list[int]:
+    """The prompt token ids vLLM computes for an OpenAI chat request ``body``: its messages
+    as ``vllm_conversation`` gives them to the chat template, rendered with the request's
+    template options, tokenized with ``add_special_tokens`` false unless the request sets
+    it. Raises ``TemplateError``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise TemplateError("messages must be a list of objects")
+    kwargs = body.get("chat_template_kwargs")
+    return tok.encode_chat(
+        vllm_conversation(messages, tok.content_format(tools=body.get("tools"))),
+        add_special_tokens=bool(body.get("add_special_tokens", False)),
+        add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+        continue_final_message=bool(body.get("continue_final_message", False)),
+        tools=body.get("tools"),
+        chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
+    )
+
+
 # --- the tokenizer ----------------------------------------------------------------------------
 
 

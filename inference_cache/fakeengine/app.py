@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from inference_cache.fakeengine.hashing import LoRA
 from inference_cache.fakeengine.publisher import ZmqPublisher
 from inference_cache.fakeengine.scheduler import Admission, Engine, RequestRejected
-from inference_cache.tokenizer import PromptTokenizer, TemplateError, vllm_conversation
+from inference_cache.tokenizer import PromptTokenizer, TemplateError, vllm_chat_tokens
 
 log = logging.getLogger(__name__)
 
@@ -134,22 +134,10 @@ def _prompts(state: State, body: Mapping[str, Any]) -> list[list[int]]:
 
 
 def _chat_tokens(state: State, body: Mapping[str, Any]) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "messages must be a list of objects")
-    kwargs = body.get("chat_template_kwargs")
     try:
-        conversation = vllm_conversation(messages, state.tokenizer.content_format(tools=body.get("tools")))
-        text = state.tokenizer.render_chat(
-            conversation,
-            add_generation_prompt=bool(body.get("add_generation_prompt", True)),
-            continue_final_message=bool(body.get("continue_final_message", False)),
-            tools=body.get("tools"),
-            chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
-        )
+        return vllm_chat_tokens(state.tokenizer, body)
     except TemplateError as e:
         raise ApiError(400, str(e)) from e
-    return state.tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
 
 
 def _max_tokens(state: State, body: Mapping[str, Any], prompt_len: int) -> int:
