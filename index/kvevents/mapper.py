@@ -236,12 +236,11 @@ class Mapper:
             if whole is not None and i < len(whole):
                 completed = whole[i]
             else:
-                step = _advance(prefix, pending, pages, page_tokens, engine_hash, bs, state)
+                step = _advance(prefix, tokens, pending, pages, page_tokens, engine_hash, bs, state)
                 if step is None:
                     self.counters.skipped_blocks["token_ids"] += n - i
                     break
                 if isinstance(step, _Node):
-                    step.tokens = tokens
                     old = state.nodes.pop(engine_hash, None)
                     if old is not None:
                         self._drop_ref(old, gone)
@@ -360,6 +359,7 @@ class Mapper:
 
 def _advance(
     prefix: int | None,
+    tokens: int,
     pending: tuple[int, ...],
     pages: tuple[int, ...],
     page_tokens: Sequence[int],
@@ -367,13 +367,13 @@ def _advance(
     block_size: int,
     state: _Rank,
 ) -> int | _Node | None:
-    """One page chained after a node with ``prefix`` and ``pending`` tokens in pages
-    ``pages`` (SGLang): the completed block's prefix hash, or the page's partial node
-    (its ``tokens`` left for the caller), or ``None`` for a bad token id."""
+    """One page chained after a node with ``prefix`` (``tokens`` through it) and ``pending``
+    tokens in pages ``pages`` (SGLang): the completed block's prefix hash, or the page's
+    partial node, or ``None`` for a bad token id."""
     pending = pending + tuple(page_tokens)
     pages = (*pages, engine_hash)
     if len(pending) < block_size:
-        return _Node(prefix, 0, pending, pages)
+        return _Node(prefix, tokens, pending, pages)
     try:
         (completed,) = fingerprint.prefix_hashes(pending, block_size, parent=prefix)
     except ValueError:
