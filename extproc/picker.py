@@ -153,8 +153,14 @@ class Prompt:
 
     @property
     def chain(self) -> Sequence[bytes]:
-        """The keys speculative entries are recorded and matched on."""
+        """The keys speculative entries are recorded and matched on (a new list when there
+        are chunks: read it once)."""
         return [*self.keys, *self.chunks] if self.chunks else self.keys
+
+    @property
+    def keyed(self) -> bool:
+        """Matched by keys (precise or bytes) and has some: ``chain`` is not empty."""
+        return self.match in (MATCH_PRECISE, MATCH_BYTES) and bool(self.keys or self.chunks)
 
 
 @dataclass(slots=True)
@@ -521,15 +527,14 @@ class EndpointPicker:
         indexed: dict[str, int] = {}
         indexed_blocks: dict[str, int] = {}
         matched: dict[str, int] = {}
-        if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.chain:
+        if prompt.keyed:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             if prompt.keys:
                 for m in self._index.longest_prefix(scope, prompt.keys):
                     indexed[m.replica_id] = m.matched_tokens
                     indexed_blocks[m.replica_id] = m.matched_blocks
             matched.update(indexed)
-            chain = prompt.chain
-            for rid, n in self.speculative.match_tokens(scope, chain, indexed_blocks, indexed).items():
+            for rid, n in self.speculative.match_tokens(scope, prompt.chain, indexed_blocks, indexed).items():
                 matched[rid] = max(matched.get(rid, 0), n)
         elif prompt.match == MATCH_APPROX and prompt.approx_keys:
             for rid, blocks in self.approx.match(prompt.approx_keys, candidates).items():
@@ -558,7 +563,7 @@ class EndpointPicker:
         prompt = ranked.prompt
         uncached = max(prompt.total_tokens - chosen.matched_tokens, 1)
         ticket = self.inflight.begin(chosen.replica_id, uncached)
-        if prompt.match in (MATCH_PRECISE, MATCH_BYTES) and prompt.chain:
+        if prompt.keyed:
             scope = types.Scope(route.tenant, route.model.name, types.HASH_SCHEME_VLLM, adapter)
             held = ranked.indexed_blocks.get(chosen.replica_id, 0)  # the index has these
             rid = chosen.replica_id
