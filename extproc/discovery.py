@@ -97,16 +97,18 @@ def discover_from(
     A backend whose endpoints do not validate (an unknown ``gateway.modelName``, a tenant or
     an address clashing with endpoints already accepted) is skipped and logged."""
     found: list[config_mod.EndpointConfig] = []
-    for backend in sorted(backends, key=_name):
+    for backend in sorted(backends, key=key):
         so_far = replace(model_config, endpoints=(*model_config.endpoints, *found))
         try:
             found += op_discovery.discover_endpoints(backend, pods, so_far)
         except config_mod.ConfigError as exc:
-            log.warning("discovery_backend_skipped", extra={"backend": _name(backend), "error": str(exc)})
+            log.warning("discovery_backend_skipped", extra={"backend": key(backend), "error": str(exc)})
     return found
 
 
-def _name(obj: Mapping[str, Any]) -> str:
+def key(obj: Mapping[str, Any]) -> str:
+    """``namespace/name`` of an object: its place in a :func:`follow` copy, and its name
+    in logs."""
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping):
         return ""
@@ -146,11 +148,6 @@ Trim = Callable[[Mapping[str, Any]], kube.Obj]
 def backoff_s(failures: int) -> float:
     """The delay before retry number ``failures`` (1-based) of a list or watch."""
     return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
-
-
-def key(obj: Mapping[str, Any]) -> str:
-    """``namespace/name`` of an object: its place in a :func:`follow` copy."""
-    return _name(obj)
 
 
 def trim_pod(pod: Mapping[str, Any]) -> kube.Obj:
