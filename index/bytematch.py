@@ -192,11 +192,20 @@ class ByteMatcher:
         """Walk the byte chain of ``scope`` over ``data`` (from ``request_bytes``)."""
         root = fingerprint.key_bytes(fingerprint.salt_root(salt)) if salt else bytekeys.ROOT
         with self.index.reading(scope) as chain:
-            ends, keys = self._walk(chain, data, root)
+            ends, keys, jumped = self._walk(chain, data, root)
             walked = len(keys)
             if not keys:
                 return ByteMatch((), 0, 0, "none", len(data), self.index.bytes_per_token)
-            while keys and not self._is_boundary(data, ends[-1], chain.last_token_bytes(keys[-1])):
+            while keys:
+                if jumped and jumped[-1][0] < len(keys):  # the last key is a jump's: exact ends
+                    start, at, packed = jumped.pop()
+                    assert chain.layout is not None
+                    ends[start : start + chain.layout.blocks] = map(
+                        at.__add__, chain.layout.ends.unpack(packed)
+                    )
+                last = chain.last_token_bytes(keys[-1])  # -1: a jump's block since removed
+                if last >= 0 and self._is_boundary(data, ends[-1], last):
+                    break
                 keys.pop()
                 ends.pop()
         boundary: Boundary = (
@@ -212,18 +221,36 @@ class ByteMatcher:
             tuple(keys), ends[-1] if ends else 0, walked, boundary, len(data), self.index.bytes_per_token
         )
 
-    def _walk(self, chain: bytekeys.ChainView, data: bytes, root: bytes) -> tuple[list[int], list[bytes]]:
+    def _walk(
+        self, chain: bytekeys.ChainView, data: bytes, root: bytes
+    ) -> tuple[list[int], list[bytes], list[tuple[int, int, bytes]]]:
         """(end offset, token-chain key) of each leading block whose bytes ``data`` continues
-        with; where two children match, one ending on a request token boundary wins."""
+        with; where two children match, one ending on a request token boundary wins. A
+        node's jump whose span the request starts with takes all its blocks at once
+        (``bytekeys`` module docstring): its blocks' ends all read as the span's end, and
+        the third list, (first key index, span start, packed ends) per jump taken, gives
+        the exact ones to whoever needs them."""
         view = memoryview(data)
         n = len(data)
         ends: list[int] = []
         keys: list[bytes] = []
+        jumped: list[tuple[int, int, bytes]] = []
         node, pos = root, 0
-        seed = bytekeys.BYTE_SEED
+        seed, jump_seed = bytekeys.BYTE_SEED, bytekeys.JUMP_SEED
         xxh, pack = xxhash.xxh3_64_intdigest, _le.pack
-        children, edges = chain.children, chain.edges
-        while (lengths := children.get(node)) is not None:
+        children, edges, jumps, layout = chain.children, chain.edges, chain.jumps, chain.layout
+        while True:
+            if layout is not None and (jump := jumps.get(node)) is not None:
+                end = pos + jump[1]  # type: ignore[operator]
+                if end <= n and xxh(view[pos:end], jump_seed) == jump[0]:
+                    jumped.append((len(keys), pos, jump[2]))  # type: ignore[arg-type]
+                    keys += jump[3:]  # type: ignore[arg-type]
+                    ends += (end,) * layout.blocks
+                    pos, node = end, jump[-1]  # type: ignore[assignment]
+                    continue
+            lengths = children.get(node)
+            if lengths is None:
+                break
             if isinstance(lengths, int):  # one child length: the common case
                 end = pos + (lengths >> 32)
                 if end > n:
@@ -242,7 +269,7 @@ class ByteMatcher:
                 pos, node = found[-1]
             ends.append(pos)
             keys.append(node)
-        return ends, keys
+        return ends, keys, jumped
 
     @staticmethod
     def _children(

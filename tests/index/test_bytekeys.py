@@ -110,7 +110,7 @@ def test_index_refcounts_replicas_and_undoes_removals(tiny: Tokenizer) -> None:
     idx.replica_cleared("b", model="m", tenant="t")
     assert idx.entries == 0
     with idx.reading(SCOPE) as chain:
-        assert not chain.children and not chain.edges
+        assert not chain.children and not chain.edges and not chain.jumps
 
 
 def test_salted_chain_starts_at_the_salt_root(tiny: Tokenizer) -> None:
@@ -188,3 +188,97 @@ def test_bytes_per_token_is_learned_from_new_blocks(tiny: Tokenizer) -> None:
     assert idx.bytes_per_token == pytest.approx(stored / len(ids))
     idx.blocks_stored(SCOPE, "b", None, keys, ids)  # the same blocks elsewhere: no new bytes
     assert idx.bytes_per_token == pytest.approx(stored / len(ids))
+
+
+# -- jumps -------------------------------------------------------------------------------------
+
+
+def _span(tiny: Tokenizer, ids: list[int]) -> bytes:
+    data = bytekeys.ByteTable.of(tiny).join(ids)
+    assert data is not None
+    return data
+
+
+def test_a_run_of_blocks_gets_one_jump_per_full_span(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2, jump_blocks=3)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over the lazy dog again", 2)
+    assert len(keys) >= 7
+    idx.blocks_stored(SCOPE, "a", None, keys[:7], ids[:14])
+    with idx.reading(SCOPE) as chain:
+        assert chain.layout is not None and chain.layout.blocks == 3
+        assert set(chain.jumps) == {bytekeys.ROOT, keys[2]}  # blocks 0-2 and 3-5; 6 is alone
+        jump = chain.jumps[keys[2]]
+        span = _span(tiny, ids[6:12])
+        assert jump[bytekeys.JUMP_KEYS :] == tuple(keys[3:6])
+        assert all(a is b for a, b in zip(jump[bytekeys.JUMP_KEYS :], keys[3:6], strict=True))  # shared
+        assert (jump[bytekeys.JUMP_DIGEST], jump[bytekeys.JUMP_SPAN]) == (
+            xxhash.xxh3_64_intdigest(span, bytekeys.JUMP_SEED),
+            len(span),
+        )
+        ends = struct.unpack("<3I", jump[bytekeys.JUMP_ENDS])  # type: ignore[arg-type]
+        assert ends == tuple(len(_span(tiny, ids[6 : 6 + 2 * k])) for k in (1, 2, 3))
+    plain = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2, jump_blocks=0)
+    plain.blocks_stored(SCOPE, "a", None, keys[:7], ids[:14])
+    extra = idx.approx_bytes() - plain.approx_bytes()
+    assert 2 * 150 < extra < 2 * 150 + 400  # two jumps of ~180 bytes, and the jumps dict
+
+
+def test_a_jump_lives_as_long_as_its_first_block(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2, jump_blocks=2)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over", 2)
+    idx.blocks_stored(SCOPE, "a", None, keys[:4], ids[:8])
+    idx.blocks_stored(SCOPE, "b", None, keys[:4], ids[:8])
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.jumps) == {bytekeys.ROOT, keys[1]}
+    idx.blocks_removed(SCOPE, "a", [keys[0], keys[3]])
+    idx.blocks_removed(SCOPE, "b", [keys[3]])  # the second jump's last block: it stays
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.jumps) == {bytekeys.ROOT, keys[1]}
+    idx.blocks_removed(SCOPE, "b", [keys[0], keys[2]])  # ``a`` still holds block 2
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.jumps) == {keys[1]}
+    equal = keys[2][:4] + keys[2][4:]  # an equal key, not the stored object (as events give)
+    assert equal is not keys[2]
+    idx.blocks_removed(SCOPE, "a", [equal])  # no replica left
+    with idx.reading(SCOPE) as chain:
+        assert not chain.jumps
+    idx.replica_cleared("a", model="m", tenant="t")
+    idx.replica_cleared("b", model="m", tenant="t")
+    assert idx.entries == 0
+
+
+def test_a_later_run_from_the_same_node_replaces_its_jump(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2, jump_blocks=2)
+    one, ids_one = _blocks(tiny, "hello world, the quick brown fox", 2)
+    two, ids_two = _blocks(tiny, "naïve café, the lazy dog sleeps", 2)
+    idx.blocks_stored(SCOPE, "a", None, one[:2], ids_one[:4])
+    idx.blocks_stored(SCOPE, "a", None, two[:2], ids_two[:4])
+    with idx.reading(SCOPE) as chain:
+        assert chain.jumps[bytekeys.ROOT][bytekeys.JUMP_KEYS :] == tuple(two[:2])
+    idx.blocks_removed(SCOPE, "a", one[:1])  # not the jump's first block: the jump stays
+    with idx.reading(SCOPE) as chain:
+        assert bytekeys.ROOT in chain.jumps
+    idx.blocks_removed(SCOPE, "a", two[:1])
+    with idx.reading(SCOPE) as chain:
+        assert not chain.jumps
+
+
+def test_a_block_already_held_starts_a_new_span(tiny: Tokenizer) -> None:
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2, jump_blocks=2)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over", 2)
+    idx.blocks_stored(SCOPE, "a", None, keys[1:2], ids[2:4])  # parent unknown here: any node
+    idx.blocks_stored(SCOPE, "a", None, keys[:5], ids[:10])
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.jumps) == {keys[1]}  # block 0 alone, 1 held, then 2-3; 4 alone
+
+
+def test_jumps_can_be_turned_off_and_need_two_blocks(tiny: Tokenizer) -> None:
+    table = bytekeys.ByteTable.of(tiny)
+    idx = bytekeys.ByteIndex(table, 2, jump_blocks=0)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over", 2)
+    idx.blocks_stored(SCOPE, "a", None, keys, ids)
+    with idx.reading(SCOPE) as chain:
+        assert chain.layout is None and not chain.jumps
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match="jump_blocks"):
+            bytekeys.ByteIndex(table, 2, jump_blocks=bad)

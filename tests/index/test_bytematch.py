@@ -66,10 +66,10 @@ def random_text(r: random.Random, n: int) -> str:
 class Harness:
     """One model: a ByteIndex fed as the mapper would, and the token-path reference."""
 
-    def __init__(self, tok: Tokenizer, bs: int = BS) -> None:
+    def __init__(self, tok: Tokenizer, bs: int = BS, jump_blocks: int = bytekeys.JUMP_BLOCKS) -> None:
         self.tok = tok
         self.bs = bs
-        self.index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tok), bs)
+        self.index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tok), bs, jump_blocks=jump_blocks)
         self.matcher = bytematch.ByteMatcher(tok, self.index)
         self._n = 0
 
@@ -146,16 +146,18 @@ def block_end_pairs(h: Harness, seed: int, n: int) -> list[tuple[list[str], str]
     return out
 
 
-@pytest.fixture(scope="module")
-def qwen() -> Harness:
+#: Harnesses run with the server's jump span and with spans of 2 blocks, so that the short
+#: texts here walk through many jumps (a jump taken must claim what stepping claims).
+@pytest.fixture(scope="module", params=[bytekeys.JUMP_BLOCKS, 2], ids=["jumps16", "jumps2"])
+def qwen(request: pytest.FixtureRequest) -> Harness:
     if not (QWEN / "tokenizer.json").exists():
         pytest.skip("the Qwen tokenizer is built by `make tokenizer`")
-    return Harness(Tokenizer.from_file(str(QWEN / "tokenizer.json")))
+    return Harness(Tokenizer.from_file(str(QWEN / "tokenizer.json")), jump_blocks=request.param)
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Harness:
-    return Harness(Tokenizer.from_file(str(TINY / "tokenizer.json")), bs=4)
+@pytest.fixture(scope="module", params=[bytekeys.JUMP_BLOCKS, 2], ids=["jumps16", "jumps2"])
+def tiny(request: pytest.FixtureRequest) -> Harness:
+    return Harness(Tokenizer.from_file(str(TINY / "tokenizer.json")), bs=4, jump_blocks=request.param)
 
 
 def test_qwen_shared_prefixes_match_the_token_path(qwen: Harness) -> None:
@@ -208,7 +210,7 @@ def test_boundary_check_catches_the_over_claims(qwen: Harness, monkeypatch: pyte
 
 
 def test_explicit_merge_across_the_block_end(qwen: Harness) -> None:
-    h = Harness(qwen.tok, bs=1)
+    h = Harness(qwen.tok, bs=1)  # (jumps of 16 blocks never form here)
     # cached " hel" ended its word; the request's " hello" is one token
     assert h.tok.encode("I hel", add_special_tokens=False).tokens == ["I", "Ġhel"]
     want, got = h.compare(["I hel"], "I hello there")
@@ -346,3 +348,49 @@ def test_a_cold_request_is_estimated_at_the_stored_blocks_ratio() -> None:
     cold = matcher.match(Scope("t", "m", "vllm", ""), b"zz" + text.encode())  # matches nothing
     assert cold.blocks == 0 and cold.bytes_per_token == index.bytes_per_token != 4.0
     assert abs(cold.estimated_total_tokens(4) - len(ids)) <= 0.1 * len(ids)
+
+
+def test_jumps_claim_what_stepping_claims_through_removals(qwen: Harness) -> None:
+    """A chain indexed with jumps (3 blocks) and without, fed and trimmed alike (shared
+    prefixes on several replicas, then random removals, tail-first as engines evict and
+    anywhere): the index's per-replica matches over either walk's keys are the same."""
+    table = bytekeys.ByteTable.of(qwen.tok)
+    r = random.Random(21)
+    bs = 4
+    taken = 0
+    for trial in range(60):
+        scope = Scope("t", f"equal{trial}", "vllm", "")
+        index = store.Index(
+            store.IndexSettings(max_entries=0), policies=policy.PolicyStore(), clock=lambda: 1e9
+        )
+        stepping = bytekeys.ByteIndex(table, bs, jump_blocks=0)
+        jumping = bytekeys.ByteIndex(table, bs, jump_blocks=3)
+        base = random_text(r, r.randint(20, 60))
+        texts = [base + random_text(r, r.randint(0, 30)) for _ in range(4)]
+        held: dict[str, list[bytes]] = {}
+        for replica, text in zip("abcd", texts, strict=True):
+            ids = qwen.tok.encode(text, add_special_tokens=False).ids
+            keys = fingerprint.chain_keys(ids, bs)
+            index.blocks_stored(scope, replica, keys, [bs * (i + 1) for i in range(len(keys))])
+            for bidx in (stepping, jumping):
+                bidx.blocks_stored(scope, replica, None, keys, ids[: len(keys) * bs])
+            held[replica] = keys
+        for replica, keys in held.items():
+            if not keys:
+                continue
+            if r.random() < 0.5:
+                gone = keys[r.randint(0, len(keys) - 1) :]  # the tail, as an engine evicts
+            else:
+                gone = r.sample(keys, r.randint(0, len(keys)))
+            index.blocks_removed(scope, replica, gone)
+            for bidx in (stepping, jumping):
+                bidx.blocks_removed(scope, replica, gone)
+        request = r.choice(texts)[: r.randint(1, len(base) + 20)] + random_text(r, r.randint(0, 5))
+        data = qwen.matcher.request_bytes(request)
+        assert data is not None
+        step = bytematch.ByteMatcher(qwen.tok, stepping).match(scope, data)
+        jump = bytematch.ByteMatcher(qwen.tok, jumping).match(scope, data)
+        taken += jump.walked_blocks > step.walked_blocks
+        assert index.longest_prefix(scope, jump.keys) == index.longest_prefix(scope, step.keys), request
+        assert jump.keys[: step.blocks] == step.keys
+    assert taken  # some jumps claimed removed blocks past where stepping stopped
