@@ -16,7 +16,9 @@ tokenizes every chat itself (about 19 ms at 8k tokens, 87 ms at 32k on this mach
 would be the bottleneck. Envoy, the engines and the load generator share the other core.
 
 Per prompt size (chat of about 1k/8k/32k Qwen tokens, one distinct conversation per request)
-and turn, ``--requests`` requests at ``--concurrency`` after ``--warmup`` requests:
+and turn, ``--requests`` requests at ``--concurrency`` after ``--warmup`` requests, through
+Envoy alone and through Envoy + ext_proc in alternating chunks of ``ALTERNATE_CHUNK`` (so a
+slow spell of this shared machine lands on both, not on one side of the difference):
 
 * first turn: a new conversation (system + user message): the tokenizer cache and the KV
   index miss;
@@ -583,6 +585,37 @@ async def drive(session: aiohttp.ClientSession, url: str, bodies: Sequence[bytes
     return Run(latencies, time.perf_counter() - t0, errors, served)
 
 
+#: Requests per turn of ``drive_alternating``.
+ALTERNATE_CHUNK = 25
+
+
+async def drive_alternating(
+    session: aiohttp.ClientSession,
+    urls: tuple[str, str],
+    bodies: Sequence[bytes],
+    concurrency: int,
+    chunk: int = ALTERNATE_CHUNK,
+) -> tuple[Run, Run]:
+    """Every body through both fronts, ``chunk`` bodies through the first, the same through
+    the second, and so on: a change in the machine's speed during the cell (this shared
+    machine has slow spells of tens of seconds) lands on both runs, not on one."""
+    runs: tuple[list[Run], list[Run]] = ([], [])
+    for start in range(0, len(bodies), chunk):
+        part = bodies[start : start + chunk]
+        for url, out in zip(urls, runs, strict=True):
+            out.append(await drive(session, url, part, concurrency))
+    first, second = (
+        Run(
+            [x for r in rs for x in r.latencies_ms],
+            sum(r.wall_s for r in rs),
+            sum(r.errors for r in rs),
+            [x for r in rs for x in r.served],
+        )
+        for rs in runs
+    )
+    return first, second
+
+
 Histogram = dict[str, float]
 
 
@@ -871,11 +904,12 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
                 fronts = "Envoy alone, Envoy + ext_proc" + (", vllm-router" if router else "")
                 progress(f"{size} tokens, {turn} turn: {fronts}")
                 await drive(session, alone_envoy.url, [pick(c) for c in warm], settings.concurrency)
-                alone = await drive(session, alone_envoy.url, [pick(c) for c in timed], settings.concurrency)
                 warm_run = await drive(session, with_envoy.url, [pick(c) for c in warm], settings.concurrency)
                 before = await server_metrics(session, server.addresses["http_addr"])
                 cpu0 = server.cpu_seconds()
-                routed = await drive(session, with_envoy.url, [pick(c) for c in timed], settings.concurrency)
+                alone, routed = await drive_alternating(
+                    session, (alone_envoy.url, with_envoy.url), [pick(c) for c in timed], settings.concurrency
+                )
                 cpu = server.cpu_seconds() - cpu0
                 after = await server_metrics(session, server.addresses["http_addr"])
                 if turn == "first":

@@ -398,3 +398,36 @@ def test_capacity_notes_say_when_first_turns_outgrow_the_server() -> None:
     assert "620 first turns of 32768 tokens store ~1,269,760 blocks" in index_note
     notes = bench.capacity_notes(settings((1024, 8192, 32768), 300, "tokens"))
     assert len(notes) == 1 and "tokenizer cache" in notes[0]
+
+
+async def test_envoy_alone_and_ext_proc_alternate_in_chunks() -> None:
+    """Both fronts get every body, in alternating chunks (a slow spell of the machine then
+    lands on both sides of the added latency, not on one)."""
+    arrivals: list[tuple[str, bytes]] = []
+
+    def app(name: str) -> web.Application:
+        async def answer(request: web.Request) -> web.Response:
+            arrivals.append((name, await request.read()))
+            return web.json_response(
+                {}, status=200 if name == "a" else 503, headers={bench.ENGINE_HEADER: name}
+            )
+
+        a = web.Application()
+        a.router.add_post(bench.CHAT_PATH, answer)
+        return a
+
+    bodies = [str(i).encode() for i in range(7)]
+    async with (
+        TestServer(app("a"), host="127.0.0.1") as a,
+        TestServer(app("b"), host="127.0.0.1") as b,
+        aiohttp.ClientSession() as session,
+    ):
+        urls = (str(a.make_url("")).rstrip("/"), str(b.make_url("")).rstrip("/"))
+        first, second = await bench.drive_alternating(session, urls, bodies, concurrency=1, chunk=3)
+    assert [name for name, _ in arrivals] == list("aaabbbaaabbbab")
+    assert [body for name, body in arrivals if name == "a"] == bodies
+    assert [body for name, body in arrivals if name == "b"] == bodies
+    assert len(first.latencies_ms) == len(second.latencies_ms) == 7
+    assert (first.errors, second.errors) == (0, 7)
+    assert first.served == ["a"] * 7 and second.served == ["b"] * 7
+    assert first.wall_s > 0 and second.wall_s > 0
