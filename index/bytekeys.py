@@ -31,10 +31,19 @@ call also gets a jump keyed by the node before it: ``XXH3_64(JUMP_SEED, the run'
 their total length, and each block's key and end offset, packed in one ``bytes``. The
 walk tries a node's jump first: one hash over the whole span and, when it matches, every
 key of the span at once; otherwise it steps. A jump names the blocks of one stored path
-whose bytes the request starts with, i.e. what stepping would find along that path. It
-lives as long as its first block (a later run from the same node replaces it); a block
-of its span removed earlier leaves a key the ``Index`` no longer holds for any replica,
-which ``Index.longest_prefix`` then stops at, as it does for any key it lacks.
+whose bytes the request starts with, i.e. what stepping would find along that path where
+each node has children of one byte length. Where a node on the path has children of
+several lengths (a *fork*: another stored branch, e.g. the next turn of another
+conversation) stepping may pick another child whose bytes the request also starts with
+(the one ending on a request token boundary), so the jump records its forks (a bitmask by
+position, set when the jump is packed and when a node of its path becomes a fork later:
+``_mark_fork`` looks at the jumps of the node's ``jump_blocks - 1`` ancestors), and the
+walk takes a jump with forks only where stepping would pick the jump's child at each of
+them (without this, the walk under-claimed: a jump through the wrong branch failed the
+boundary check and dropped back to the fork). A jump lives as long as its first block (a
+later run from the same node replaces it); a block of its span removed earlier leaves a
+key the ``Index`` no longer holds for any replica, which ``Index.longest_prefix`` then
+stops at, as it does for any key it lacks.
 
 Everything is keyed per ``Scope`` and refcounted per replica, so ``blocks_removed`` and
 ``replica_cleared`` undo exactly what a replica stored. Two token sequences with the same
@@ -210,7 +219,9 @@ class _ScopeBytes:
 
 class Jumps:
     """The layout of one scope's jumps over ``n`` blocks: a tuple ``(span digest, span
-    length, the blocks' end offsets within the span packed as u32, the n block keys)``.
+    length, the blocks' end offsets within the span packed as u32, forks, the n block
+    keys)``; bit ``p`` of ``forks`` is set when the node before block ``p`` (the jump's
+    node for ``p == 0``) has children of several byte lengths (module docstring).
     The keys are the index's own objects (so ``Index.longest_prefix`` finds them by
     identity); a tuple of ints and bytes leaves the GC's tracking at its first collection."""
 
@@ -220,14 +231,14 @@ class Jumps:
         self.blocks = n
         self.ends = struct.Struct(f"<{n}I")
 
-    def pack(self, keys: Sequence[bytes], pieces: Sequence[bytes]) -> tuple[int | bytes, ...]:
+    def pack(self, keys: Sequence[bytes], pieces: Sequence[bytes], forks: int) -> tuple[int | bytes, ...]:
         span = b"".join(pieces)
         ends = self.ends.pack(*accumulate(map(len, pieces)))
-        return (_xxh(span, JUMP_SEED), len(span), ends, *keys)
+        return (_xxh(span, JUMP_SEED), len(span), ends, forks, *keys)
 
 
 #: A jump's fields (``Jumps``).
-JUMP_DIGEST, JUMP_SPAN, JUMP_ENDS, JUMP_KEYS = 0, 1, 2, 3
+JUMP_DIGEST, JUMP_SPAN, JUMP_ENDS, JUMP_FORKS, JUMP_KEYS = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +328,7 @@ class ByteIndex:
             jumps = self._jumps
             span_keys: list[bytes] = []
             span_pieces: list[bytes] = []
-            head = node
+            head, forks = node, 0
             for i, key in enumerate(keys):
                 if key in held:
                     node = key
@@ -339,7 +350,8 @@ class ByteIndex:
                     packed = (
                         edge | fingerprint.key_int(node) << 64 | len(data) << _LEN_SHIFT | last << _LAST_SHIFT
                     )
-                    _add_length(sc.children, node, len(data))
+                    if _add_length(sc.children, node, len(data)) and jumps is not None:
+                        _mark_fork(sc, node, jumps.blocks)
                     self._ratio_bytes += len(data)
                     self._ratio_tokens += bs
                     if self._ratio_tokens > _RATIO_WINDOW:
@@ -350,11 +362,16 @@ class ByteIndex:
                 self.entries += 1
                 if jumps is not None:
                     if not span_keys:
-                        head = node
+                        head, forks = node, 0
+                    if isinstance(sc.children.get(node), bytes):
+                        forks |= 1 << len(span_keys)
                     span_keys.append(key)
                     span_pieces.append(data)
                     if len(span_keys) == jumps.blocks:
-                        sc.jumps[head] = jumps.pack(span_keys, span_pieces)
+                        # only where ``_unref`` of its first block finds it (a block stored
+                        # before under another parent would leave the jump behind)
+                        if (sc.blocks[span_keys[0]] >> 64) & _U64 == fingerprint.key_int(head):
+                            sc.jumps[head] = jumps.pack(span_keys, span_pieces, forks)
                         span_keys.clear()
                         span_pieces.clear()
                 node = key
@@ -459,7 +476,9 @@ def _pairs(counts: Mapping[int, int]) -> bytes:
     return b"".join(_PAIRS.pack(length, n) for length, n in sorted(counts.items()))
 
 
-def _add_length(children: dict[bytes, int | bytes], node: bytes, length: int) -> None:
+def _add_length(children: dict[bytes, int | bytes], node: bytes, length: int) -> bool:
+    """Count a child of ``length`` bytes under ``node``; whether it became a fork (its
+    children now have two lengths, one before)."""
     value = children.get(node)
     if value is None:
         children[node] = length << 32 | 1
@@ -468,10 +487,29 @@ def _add_length(children: dict[bytes, int | bytes], node: bytes, length: int) ->
             children[node] = value + 1
         else:
             children[node] = _pairs({value >> 32: value & _U32, length: 1})
+            return True
     else:
         counts = dict(_PAIRS.iter_unpack(value))
         counts[length] = counts.get(length, 0) + 1
         children[node] = _pairs(counts)
+    return False
+
+
+def _mark_fork(sc: _ScopeBytes, node: bytes, blocks: int) -> None:
+    """Set ``node``'s bit in the forks of every jump whose path passes it: the jump of
+    ``node`` itself, and those of its ancestors whose first ``blocks - 1`` keys hold it
+    (found up the blocks' parents; at most ``blocks`` probes, once per new fork). A fork
+    that later loses its other children keeps its bit: the walk then checks it for nothing."""
+    at = node
+    for p in range(blocks):
+        jump = sc.jumps.get(at)
+        if jump is not None and (p == 0 or jump[JUMP_KEYS + p - 1] == node):
+            forks = jump[JUMP_FORKS] | 1 << p  # type: ignore[operator]
+            sc.jumps[at] = (*jump[:JUMP_FORKS], forks, *jump[JUMP_FORKS + 1 :])
+        packed = sc.blocks.get(at)
+        if packed is None:
+            return
+        at = fingerprint.key_bytes((packed >> 64) & _U64)
 
 
 def _drop_length(children: dict[bytes, int | bytes], node: bytes, length: int) -> None:

@@ -227,7 +227,8 @@ class ByteMatcher:
         """(end offset, token-chain key) of each leading block whose bytes ``data`` continues
         with; where two children match, one ending on a request token boundary wins. A
         node's jump whose span the request starts with takes all its blocks at once
-        (``bytekeys`` module docstring): its blocks' ends all read as the span's end, and
+        (``bytekeys`` module docstring) unless, at one of its forks, stepping would pick
+        another child (``_follows``): its blocks' ends all read as the span's end, and
         the third list, (first key index, span start, packed ends) per jump taken, gives
         the exact ones to whoever needs them."""
         view = memoryview(data)
@@ -242,9 +243,13 @@ class ByteMatcher:
         while True:
             if layout is not None and (jump := jumps.get(node)) is not None:
                 end = pos + jump[1]  # type: ignore[operator]
-                if end <= n and xxh(view[pos:end], jump_seed) == jump[0]:
+                if (
+                    end <= n
+                    and xxh(view[pos:end], jump_seed) == jump[0]
+                    and (not jump[3] or self._follows(chain, data, view, node, pos, jump))
+                ):
                     jumped.append((len(keys), pos, jump[2]))  # type: ignore[arg-type]
-                    keys += jump[3:]  # type: ignore[arg-type]
+                    keys += jump[bytekeys.JUMP_KEYS :]  # type: ignore[arg-type]
                     ends += (end,) * layout.blocks
                     pos, node = end, jump[-1]  # type: ignore[assignment]
                     continue
@@ -260,16 +265,51 @@ class ByteMatcher:
                     break
                 pos, node = end, key
             else:
-                found = self._children(chain, view, node, pos, bytekeys.child_lengths(lengths))
-                if not found:
+                picked = self._pick(chain, data, view, node, pos, lengths)
+                if picked is None:
                     break
-                if len(found) > 1:
-                    last = chain.last_token_bytes
-                    found = [f for f in found if self._is_boundary(data, f[0], last(f[1]))] or found
-                pos, node = found[-1]
+                pos, node = picked
             ends.append(pos)
             keys.append(node)
         return ends, keys, jumped
+
+    def _pick(
+        self, chain: bytekeys.ChainView, data: bytes, view: memoryview, node: bytes, pos: int, lengths: bytes
+    ) -> tuple[int, bytes] | None:
+        """The child of a fork (``lengths``: its packed child lengths) the step walk takes at
+        ``pos``: of those whose bytes ``data`` continues with, the longest ending on a
+        request token boundary, else the longest (``None``: none)."""
+        found = self._children(chain, view, node, pos, bytekeys.child_lengths(lengths))
+        if len(found) > 1:
+            last = chain.last_token_bytes
+            found = [f for f in found if self._is_boundary(data, f[0], last(f[1]))] or found
+        return found[-1] if found else None
+
+    def _follows(
+        self,
+        chain: bytekeys.ChainView,
+        data: bytes,
+        view: memoryview,
+        node: bytes,
+        pos: int,
+        jump: tuple[int | bytes, ...],
+    ) -> bool:
+        """Whether stepping from ``node`` at ``pos`` would pick the jump's child at each of
+        its forks (``data`` starts with the jump's span): else the walk steps there."""
+        assert chain.layout is not None
+        forks: int = jump[bytekeys.JUMP_FORKS]  # type: ignore[assignment]
+        ends = chain.layout.ends.unpack(jump[bytekeys.JUMP_ENDS])  # type: ignore[arg-type]
+        keys: tuple[bytes, ...] = jump[bytekeys.JUMP_KEYS :]  # type: ignore[assignment]
+        for p in range(len(keys)):
+            if not forks >> p & 1:
+                continue
+            at, parent = (pos, node) if p == 0 else (pos + ends[p - 1], keys[p - 1])
+            lengths = chain.children.get(parent)
+            if isinstance(lengths, bytes):  # (a fork since pruned to one length: one child)
+                picked = self._pick(chain, data, view, parent, at, lengths)
+                if picked is None or picked[1] != keys[p]:
+                    return False
+        return True
 
     @staticmethod
     def _children(

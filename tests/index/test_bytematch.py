@@ -234,6 +234,11 @@ def test_explicit_merge_across_the_block_end(qwen: Harness) -> None:
     assert (want, got.blocks, got.boundary) == (2, 2, "end")
 
 
+@pytest.fixture(scope="module")
+def tiny_tok() -> Tokenizer:
+    return Tokenizer.from_file(str(TINY / "tokenizer.json"))
+
+
 def test_tiny_tokenizer_matches_the_token_path(tiny: Harness) -> None:
     pairs = shared_prefix_pairs(5, 150) + mid_word_pairs(6, 150) + block_end_pairs(tiny, 12, 150)
     bad = differential(tiny, pairs)
@@ -394,3 +399,137 @@ def test_jumps_claim_what_stepping_claims_through_removals(qwen: Harness) -> Non
         assert index.longest_prefix(scope, jump.keys) == index.longest_prefix(scope, step.keys), request
         assert jump.keys[: step.blocks] == step.keys
     assert taken  # some jumps claimed removed blocks past where stepping stopped
+
+
+def _fork_index(tok: Tokenizer, texts: list[tuple[str, str]], jump_blocks: int) -> bytekeys.ByteIndex:
+    index = bytekeys.ByteIndex(bytekeys.ByteTable.of(tok), 1, jump_blocks=jump_blocks)
+    for replica, text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        index.blocks_stored(
+            Scope("t", "fork", "vllm", ""), replica, None, fingerprint.chain_keys(ids, 1), ids
+        )
+    return index
+
+
+@pytest.mark.parametrize(
+    ("texts", "jump_blocks", "forks"),
+    [
+        # the fork (after " w"+"or": "lds" or "l") is the jump's own node, made a fork later
+        ([("a", " worldhel"), ("a", " worlds")], 2, 0b1),
+        # ... the jump's third node (its path " w", "or", "l" from the root), made a fork later
+        ([("a", " worldhel"), ("a", " worlds")], 3, 0b100),
+        # ... already a fork when the jump over it is stored
+        ([("a", " worlds"), ("b", " worldhel")], 3, 0b100),
+    ],
+    ids=["head-later", "inside-later", "inside-at-store"],
+)
+def test_a_jump_through_a_fork_claims_what_stepping_claims(
+    tiny_tok: Tokenizer,
+    texts: list[tuple[str, str]],
+    jump_blocks: int,
+    forks: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cached " worlds" is " w" + "or" + "lds", cached " worldhel" is " w" + "or" + "l" + "d"
+    + ...: after "or" two children. The request " worlds x" starts with both, and with the
+    jump over "l", "d" (or " w", "or", "l"); stepping takes "lds" (it ends on a request
+    token boundary), as the token path does. Taking the jump claimed 2 blocks instead of 3:
+    "d" and "l" fail the boundary check and the walk drops back to "or"."""
+    tok = tiny_tok
+    assert tok.encode(" worlds x", add_special_tokens=False).tokens[:3] == ["Ġw", "or", "lds"]
+    assert tok.encode(" worldhel", add_special_tokens=False).tokens[:4] == ["Ġw", "or", "l", "d"]
+    scope = Scope("t", "fork", "vllm", "")
+    index = _fork_index(tok, texts, jump_blocks)
+    keys = fingerprint.chain_keys(tok.encode(" worldhel", add_special_tokens=False).ids, 1)
+    head = keys[1] if jump_blocks == 2 else bytekeys.ROOT
+    with index.reading(scope) as chain:
+        assert chain.jumps[head][bytekeys.JUMP_FORKS] == forks
+    data = b" worlds x"
+    want = fingerprint.chain_keys(tok.encode(" worlds x", add_special_tokens=False).ids, 1)[:3]
+    stepping = bytematch.ByteMatcher(tok, _fork_index(tok, texts, 0)).match(scope, data)
+    got = bytematch.ByteMatcher(tok, index).match(scope, data)
+    assert list(got.keys) == want and got == stepping
+    monkeypatch.setattr(bytematch.ByteMatcher, "_follows", lambda *_args: True)  # the jump as stored
+    assert bytematch.ByteMatcher(tok, index).match(scope, data).blocks == 2
+
+
+def _random_ids(tok: Tokenizer, r: random.Random, text: str, single: dict[int, int]) -> list[int]:
+    """``text``'s token ids, sometimes not the tokenizer's own: one token split into its
+    bytes (decode output; a conflict where the canonical split is stored) or an id without
+    bytes (the run stops there)."""
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if ids and r.random() < 0.2:
+        i = r.randrange(len(ids))
+        piece = bytekeys.ByteTable.of(tok).pieces[ids[i]] or b""
+        if len(piece) > 1:
+            ids[i : i + 1] = [single[b] for b in piece]
+    if ids and r.random() < 0.05:
+        ids[r.randrange(len(ids))] = 10**6
+    return ids
+
+
+def test_jumps_match_exactly_as_stepping_while_nothing_was_removed(
+    tiny_tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random chains (shared prefixes cut anywhere, so forks everywhere; salted chains, two
+    replicas and an adapter scope; runs that start at a block the replica holds or
+    mid-chain; split and unknown token ids) and requests (prefixes of them, cut anywhere,
+    with tails; empty): with jump spans of 2..5 blocks the whole ``ByteMatch`` (keys,
+    matched bytes, walked blocks, boundary label) is the step walk's."""
+    tok = tiny_tok
+    table = bytekeys.ByteTable.of(tok)
+    single = {piece[0]: i for i, piece in enumerate(table.pieces) if piece is not None and len(piece) == 1}
+    follows = {True: 0, False: 0}
+    real_follows = bytematch.ByteMatcher._follows
+
+    def spy(self: bytematch.ByteMatcher, *args: object) -> bool:
+        verdict = real_follows(self, *args)  # type: ignore[arg-type]
+        follows[verdict] += 1
+        return verdict
+
+    monkeypatch.setattr(bytematch.ByteMatcher, "_follows", spy)
+    scopes = (Scope("t", "eq", "vllm", ""), Scope("t", "eq", "vllm", "lora"))
+    r = random.Random(31)
+    jumped = compared = 0
+    for _trial in range(250):
+        bs = r.randint(1, 4)
+        stepping = bytekeys.ByteIndex(table, bs, jump_blocks=0)
+        jumping = bytekeys.ByteIndex(table, bs, jump_blocks=r.randint(2, 5))
+        texts: list[str] = []
+        for _ in range(r.randint(2, 8)):
+            if texts and r.random() < 0.8:
+                text = r.choice(texts)
+                text = (
+                    text[: r.randint(0, len(text))]
+                    + r.choice((*TAILS, ""))
+                    + random_text(r, r.randint(0, 12))
+                )
+            else:
+                text = random_text(r, r.randint(3, 20))
+            texts.append(text)
+            salt = r.choice((None, None, "s"))
+            ids = _random_ids(tok, r, text, single)
+            keys = fingerprint.chain_keys(ids, bs, salt=salt)
+            start = r.randint(0, len(keys)) if r.random() < 0.3 else 0
+            if start:
+                parent: int | None = fingerprint.key_int(keys[start - 1])
+            else:
+                parent = fingerprint.salt_root(salt) if salt else None
+            scope, replica = r.choice(scopes), r.choice("ab")
+            for bidx in (stepping, jumping):
+                bidx.blocks_stored(scope, replica, parent, keys[start:], ids[start * bs : len(keys) * bs])
+        for _ in range(12):
+            text = r.choice(texts)
+            data = (
+                text[: r.randint(0, len(text))] + r.choice((*TAILS, "")) + random_text(r, r.randint(0, 3))
+            ).encode()
+            for scope in scopes:
+                for salt in (None, "s"):
+                    step = bytematch.ByteMatcher(tok, stepping).match(scope, data, salt=salt)
+                    jump = bytematch.ByteMatcher(tok, jumping).match(scope, data, salt=salt)
+                    assert jump == step, (data, salt, scope)
+                    compared += step.walked_blocks > 0
+        with jumping.reading(scopes[0]) as chain:
+            jumped += bool(chain.jumps)
+    assert compared > 1000 and jumped > 100
+    assert follows[True] and follows[False]  # forks on jumps taken and refused
