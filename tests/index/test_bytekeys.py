@@ -3,6 +3,7 @@ the auxiliary byte-chain index fed from stored blocks."""
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
@@ -282,3 +283,101 @@ def test_jumps_can_be_turned_off_and_need_two_blocks(tiny: Tokenizer) -> None:
     for bad in (1, -1):
         with pytest.raises(ValueError, match="jump_blocks"):
             bytekeys.ByteIndex(table, 2, jump_blocks=bad)
+
+
+def test_no_jump_whose_first_block_sits_under_another_parent(tiny: Tokenizer) -> None:
+    """Block 1 stored first as a fresh chain (parent unknown): a later run from block 0
+    starting with it gets no jump, which removing block 1 (looked up under its stored
+    parent) could not find, and which would outlive it."""
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 2, jump_blocks=2)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over", 2)
+    idx.blocks_stored(SCOPE, "a", None, keys[1:2], ids[2:4])
+    idx.blocks_stored(SCOPE, "b", fingerprint.key_int(keys[0]), keys[1:5], ids[2:10])
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.jumps) == {keys[2]}  # blocks 3-4; not 1-2
+    idx.blocks_removed(SCOPE, "a", keys[1:2])
+    idx.blocks_removed(SCOPE, "b", keys[1:3])
+    with idx.reading(SCOPE) as chain:
+        assert set(chain.jumps) == {keys[2]} and keys[1] not in chain.blocks
+
+
+def test_forks_are_marked_in_the_jumps_over_them(tiny: Tokenizer) -> None:
+    """A node gaining a child of another length sets its bit in the jump it starts and in
+    the jumps of its ancestors that pass it (``JUMP_FORKS``), whichever came first."""
+    table = bytekeys.ByteTable.of(tiny)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over", 1)
+    other = [*ids[:3], *tiny.encode(" zzzz", add_special_tokens=False).ids]
+    assert len(table.join(other[3:4]) or b"") != len(table.join(ids[3:4]) or b"")
+    for order in ((ids, other), (other, ids)):
+        idx = bytekeys.ByteIndex(table, 1, jump_blocks=4)
+        for replica, run in zip("ab", order, strict=True):
+            idx.blocks_stored(SCOPE, replica, None, fingerprint.chain_keys(run, 1), run)
+        with idx.reading(SCOPE) as chain:  # node 2 (after block 2) has two children
+            assert chain.jumps[bytekeys.ROOT][bytekeys.JUMP_FORKS] == 0b1000
+            assert isinstance(chain.children[keys[2]], bytes)
+
+
+def test_nothing_is_left_once_every_block_is_gone(tiny: Tokenizer) -> None:
+    """Random runs (shared prefixes, two scopes, salted, mid-chain, replicas re-storing),
+    then removals in random order and clears: no jump, node, edge or scope outlives its
+    blocks; the memory estimate counts scopes and replicas, not blocks."""
+    table = bytekeys.ByteTable.of(tiny)
+    r = random.Random(5)
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "hello",
+        "world",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "helpful",
+        "naïve",
+        "café",
+    ]
+    for _trial in range(40):
+        idx = bytekeys.ByteIndex(table, r.randint(1, 3), jump_blocks=r.randint(2, 4))
+        stored: list[tuple[Scope, str, list[bytes]]] = []
+        base = " ".join(r.choice(words) for _ in range(12))
+        for _ in range(8):
+            text = base[: r.randint(0, len(base))] + " ".join(r.choice(words) for _ in range(r.randint(1, 8)))
+            salt = r.choice((None, "s"))
+            keys, ids = _blocks(tiny, text, idx.block_size, salt=salt)
+            start = r.randint(0, len(keys) // 2)
+            parent = (
+                fingerprint.key_int(keys[start - 1])
+                if start
+                else fingerprint.salt_root(salt)
+                if salt
+                else None
+            )
+            scope = r.choice((SCOPE, Scope("t", "m", "vllm", "lora")))
+            replica = r.choice("abc")
+            idx.blocks_stored(scope, replica, parent, keys[start:], ids[start * idx.block_size :])
+            stored.append((scope, replica, keys[start:]))
+        assert idx.entries and idx.approx_bytes() > 0
+        r.shuffle(stored)
+        for scope, replica, keys in stored[: len(stored) // 2]:
+            idx.blocks_removed(scope, replica, r.sample(keys, len(keys)))
+        for replica in "abc":
+            idx.replica_cleared(replica, model="m", tenant="t")
+        assert (idx.entries, idx.approx_bytes()) == (0, 0)
+        for scope in (SCOPE, Scope("t", "m", "vllm", "lora")):
+            with idx.reading(scope) as chain:
+                assert not (chain.jumps or chain.children or chain.edges or chain.blocks)
+
+
+def test_a_partly_removed_store_leaves_no_jump(tiny: Tokenizer) -> None:
+    """Removing every block by keys (no clear) empties the jumps too."""
+    idx = bytekeys.ByteIndex(bytekeys.ByteTable.of(tiny), 1, jump_blocks=2)
+    keys, ids = _blocks(tiny, "hello world, the quick brown fox jumps over the lazy dog", 1)
+    idx.blocks_stored(SCOPE, "a", None, keys, ids)
+    idx.blocks_stored(SCOPE, "b", None, keys[:5], ids[:5])
+    with idx.reading(SCOPE) as chain:
+        assert len(chain.jumps) == len(keys) // 2
+    idx.blocks_removed(SCOPE, "a", keys[::-1])  # tail first
+    idx.blocks_removed(SCOPE, "b", keys[:5])
+    assert (idx.entries, idx.approx_bytes()) == (0, 0)

@@ -5,12 +5,15 @@ page grouping."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import gc_checks
 import pytest
 import vllm_samples
+from tokenizers import Tokenizer
 
+from inference_cache.index import bytematch
 from inference_cache.index import fingerprint as fp
 from inference_cache.index.bytekeys import ByteIndex, ByteTable
 from inference_cache.index.kvevents import decode
@@ -410,3 +413,58 @@ def test_ingest_leaves_nothing_for_the_cyclic_gc_to_walk() -> None:
     assert growth < 50, f"{growth} GC-tracked objects kept for 1,500 blocks"
     walked = gc_checks.large_tracked_containers([index, blocks, *mappers])
     assert not walked, f"GC-tracked containers a collection walks item by item: {walked}"
+
+
+def test_byte_jumps_fed_by_vllm_events_match_as_stepping_and_as_tokens() -> None:
+    """End to end with a real tokenizer: vLLM events of two conversations sharing a prefix
+    (the second only its new blocks after the shared one, as vLLM publishes them), mapped
+    into the index and into byte chains with and without jumps; the walks give the same
+    match, and the index's per-replica matches over it are the token path's, also after
+    the engine evicted a tail; a clear leaves no jump behind."""
+    tok = Tokenizer.from_file(
+        str(Path(__file__).resolve().parents[2] / "data" / "tiny-tokenizer" / "tokenizer.json")
+    )
+    table = ByteTable.of(tok)
+    bs = 4
+    index = Index(IndexSettings(), clock=lambda: 1.0)
+    jumping, stepping = ByteIndex(table, bs, jump_blocks=3), ByteIndex(table, bs, jump_blocks=0)
+    config = EndpointConfig(replica_id="r1", model="m1", kv_events="tcp://x:1", tenant="t1", block_size=bs)
+    mappers = [
+        Mapper(config, index, bytes_sink=jumping),
+        Mapper(config, RecordingSink(), bytes_sink=stepping),
+    ]
+    shared = "hello world, the quick brown fox jumps over the lazy dog and"
+    one = tok.encode(shared + " runs far away from here", add_special_tokens=False).ids
+    two = tok.encode(shared + " sleeps in the warm sun all day", add_special_tokens=False).ids
+    n1, n2 = len(one) // bs, len(two) // bs
+    common = next(i for i in range(min(n1, n2)) if one[i * bs : (i + 1) * bs] != two[i * bs : (i + 1) * bs])
+    assert common >= 6
+    events = [
+        vllm_stored(list(range(1, n1 + 1)), None, one[: n1 * bs], block_size=bs),
+        vllm_stored(list(range(101, 101 + n2 - common)), common, two[common * bs : n2 * bs], block_size=bs),
+    ]
+    for m in mappers:
+        for ev in events:
+            _apply(m, ev)
+    with jumping.reading(SCOPE) as chain:
+        assert len(chain.jumps) >= 3
+
+    def check(request: str) -> None:
+        data = request.encode()
+        jump = bytematch.ByteMatcher(tok, jumping).match(SCOPE, data)
+        assert jump == bytematch.ByteMatcher(tok, stepping).match(SCOPE, data)
+        token_keys = fp.chain_keys(tok.encode(request, add_special_tokens=False).ids, bs)
+        assert jump.blocks and index.longest_prefix(SCOPE, jump.keys) == index.longest_prefix(
+            SCOPE, token_keys
+        )
+
+    for request in (shared + " sleeps in the warm sun", shared + " runs far away", shared + " x"):
+        check(request)
+    for m in mappers:  # the engine evicts the first conversation's tail
+        _apply(m, vllm_removed(list(range(common + 2, n1 + 1))))
+    check(shared + " runs far away from here again")
+    for m in mappers:
+        _apply(m, CLEARED)
+    assert jumping.entries == 0 and jumping.approx_bytes() == 0
+    with jumping.reading(SCOPE) as chain:
+        assert not chain.jumps
