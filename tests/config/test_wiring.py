@@ -2,8 +2,9 @@
 
 Owner: tests of ``config/`` (issue #7). Schema validation (test_schemas.py) cannot see that a
 Service's targetPort names a real container port or that the server trusts the operator's
-ServiceAccount; these tests do, across objects. They also cover the overlays' objects that
-no schema checks here (Certificate, Issuer, ServiceMonitor).
+ServiceAccount; these tests do, across objects. They also cover the overlays' objects:
+Certificate and Issuer, which no schema checks here, and the ServiceMonitor (schema-checked
+too, in test_schemas.py).
 """
 
 from __future__ import annotations
