@@ -63,7 +63,8 @@ class IndexReadings:
 
 @dataclass(frozen=True, slots=True)
 class IngestReadings:
-    """KV-event ingest counters, summed over every endpoint's subscriber."""
+    """KV-event ingest counters, summed over every endpoint's subscriber (and the batches
+    per endpoint)."""
 
     #: Event type (``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared``) -> count.
     events: Mapping[str, int] = field(default_factory=dict)
@@ -74,6 +75,9 @@ class IngestReadings:
     orphan_blocks: int = 0
     #: Reason -> blocks skipped (not ingested).
     skipped_blocks: Mapping[str, int] = field(default_factory=dict)
+    #: Endpoint address -> KV-event batches applied from it (live and replayed), one entry
+    #: per endpoint whose events the server subscribes to (``endpoints[].kv_events``).
+    batches_by_endpoint: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,14 @@ class StateCollector(Collector):
         for reason, n in sorted(ing.skipped_blocks.items()):
             skipped.add_metric([reason], n)
         yield skipped
+        per_endpoint = CounterMetricFamily(
+            "inferencecache_kv_endpoint_batches",
+            "KV-event batches applied (live and replayed), per subscribed endpoint.",
+            labels=["replica_id"],
+        )
+        for replica_id, n in sorted(ing.batches_by_endpoint.items()):
+            per_endpoint.add_metric([replica_id], n)
+        yield per_endpoint
 
 
 class ServerMetrics:
@@ -379,6 +391,12 @@ class ExtProcMetrics:
             ["kind", "source"],
             registry=r,
         )
+        self.routed = Counter(
+            "inferencecache_extproc_routed",
+            "Routing decisions by the endpoint chosen first (the destination header's first entry).",
+            ["replica_id"],
+            registry=r,
+        )
         self.prediction_mismatch = Counter(
             "inferencecache_extproc_prediction_mismatch",
             "Routed requests whose reported usage differs from our prediction, by field.",
@@ -408,3 +426,5 @@ class ExtProcMetrics:
         self.decision_latency.observe(seconds)
         if isinstance(decision, Decision):
             self.decisions.labels(model, match).inc()
+            if decision.endpoints:
+                self.routed.labels(decision.endpoints[0]).inc()

@@ -325,8 +325,11 @@ def ingest_readings(workers: Sequence[endpoints.EndpointWorker]) -> IngestReadin
     events: dict[str, int] = {}
     skipped: dict[str, int] = {}
     totals = dict.fromkeys(("decode_errors", "gaps", "replays", "resyncs", "orphan_blocks"), 0)
+    batches: dict[str, int] = {}
     for w in workers:
         c = w.counters
+        if w.subscriber is not None:
+            batches[w.endpoint.address] = c.batches + c.replayed_batches
         for k, n in c.events.items():
             events[k] = events.get(k, 0) + n
         for k, n in c.skipped_blocks.items():
@@ -336,7 +339,7 @@ def ingest_readings(workers: Sequence[endpoints.EndpointWorker]) -> IngestReadin
         totals["replays"] += c.replays_requested
         totals["resyncs"] += c.resyncs
         totals["orphan_blocks"] += c.orphan_blocks
-    return IngestReadings(events=events, skipped_blocks=skipped, **totals)
+    return IngestReadings(events=events, skipped_blocks=skipped, batches_by_endpoint=batches, **totals)
 
 
 class ProducerAuthenticator:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import aiohttp
@@ -41,6 +42,13 @@ async def test_shared_prefixes_land_where_cached_and_cold_ones_spread(
     start_fleet: StartFleet, name: str
 ) -> None:
     fleet = await start_fleet(name)
+    registry = fleet.servers[0].metrics.registry
+    addresses = [fleet.address(i) for i in range(len(fleet.engines))]
+
+    def per_endpoint(metric: str) -> dict[str, float]:
+        return {a: registry.get_sample_value(metric, {"replica_id": a}) or 0 for a in addresses}
+
+    batches_before = per_endpoint("inferencecache_kv_endpoint_batches_total")
     # Five conversations over three engines: a rotation could not send every follow-up
     # back to its first turn's engine by chance.
     firsts = await first_turns(fleet, range(5))
@@ -56,6 +64,12 @@ async def test_shared_prefixes_land_where_cached_and_cold_ones_spread(
         assert predicted["endpoint"] == follow.engine
         assert follow.cached_tokens == predicted["matched_tokens"] == (first.prompt_tokens // BS) * BS
         assert follow.decision["match"] == "precise"
+    # Per endpoint: what was routed there, and the KV-event batches its engine published.
+    await fleet.sync()
+    served = Counter(r.engine for r in firsts.values())
+    assert per_endpoint("inferencecache_extproc_routed_total") == {a: 2 * served[a] for a in addresses}
+    batches = per_endpoint("inferencecache_kv_endpoint_batches_total")
+    assert {a: batches[a] > batches_before[a] for a in addresses} == {a: served[a] > 0 for a in addresses}
 
 
 async def test_a_saturated_replica_sheds_new_traffic_to_a_less_loaded_one(start_fleet: StartFleet) -> None:

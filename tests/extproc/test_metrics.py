@@ -168,9 +168,23 @@ def test_ingest_counters_are_summed_over_endpoints() -> None:
     a = Counters(events=Counter(BlockStored=3, BlockRemoved=1), gaps=1, orphan_blocks=2)
     a.decode_errors["msgpack"] += 2
     a.skipped_blocks["medium"] += 4
+    a.batches, a.replayed_batches = 7, 2
     b = Counters(events=Counter(BlockStored=2), resyncs=1, replays_requested=5)
     b.decode_errors["framing"] += 1
-    readings = serve.ingest_readings([SimpleNamespace(counters=a), SimpleNamespace(counters=b)])  # type: ignore[list-item]
+    b.batches = 3
+    quiet = Counters()  # subscribed, nothing yet: a 0 series (an alert can test it)
+    workers = [
+        SimpleNamespace(counters=a, subscriber=object(), endpoint=SimpleNamespace(address="10.0.0.1:8000")),
+        SimpleNamespace(counters=b, subscriber=object(), endpoint=SimpleNamespace(address="10.0.0.2:8000")),
+        SimpleNamespace(
+            counters=quiet, subscriber=object(), endpoint=SimpleNamespace(address="10.0.0.3:8000")
+        ),
+        # no kv_events: no subscriber, no series
+        SimpleNamespace(
+            counters=Counters(), subscriber=None, endpoint=SimpleNamespace(address="10.0.0.4:8000")
+        ),
+    ]
+    readings = serve.ingest_readings(workers)  # type: ignore[arg-type]
     assert readings == metrics.IngestReadings(
         events={"BlockStored": 5, "BlockRemoved": 1},
         decode_errors=3,
@@ -179,9 +193,17 @@ def test_ingest_counters_are_summed_over_endpoints() -> None:
         resyncs=1,
         orphan_blocks=2,
         skipped_blocks={"medium": 4},
+        batches_by_endpoint={"10.0.0.1:8000": 9, "10.0.0.2:8000": 3, "10.0.0.3:8000": 0},
     )
     m = metrics.ServerMetrics(read_ingest=lambda: readings)
     assert m.registry.get_sample_value("inferencecache_kv_events_total", {"type": "BlockStored"}) == 5
     assert m.registry.get_sample_value("inferencecache_kv_event_decode_errors_total") == 3
     assert m.registry.get_sample_value("inferencecache_kv_skipped_blocks_total", {"reason": "medium"}) == 4
     assert m.registry.get_sample_value("inferencecache_kv_event_replays_total") == 5
+    per_endpoint = {
+        address: m.registry.get_sample_value(
+            "inferencecache_kv_endpoint_batches_total", {"replica_id": address}
+        )
+        for address in ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000")
+    }
+    assert per_endpoint == {"10.0.0.1:8000": 9, "10.0.0.2:8000": 3, "10.0.0.3:8000": 0, "10.0.0.4:8000": None}
