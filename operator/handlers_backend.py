@@ -32,6 +32,7 @@ import kopf
 
 from inference_cache.operator import backend, gateway
 from inference_cache.operator.kube import Kube, KubeError, NotFound
+from inference_cache.operator.metrics import METRICS, OperatorMetrics
 
 Obj = dict[str, Any]
 
@@ -181,28 +182,33 @@ def register(
     kube: Kube,
     settings: BackendHandlerSettings,
     clock: Callable[[], dt.datetime] = _utcnow,
+    *,
+    metrics: OperatorMetrics = METRICS,
 ) -> None:
     """Register the CacheBackend handlers: on create, update and resume, and a timer every
     ``settings.backend.resync_s`` (the plan's requeue: matchedEnginePods refresh, the
-    first-KV-event timeout, rollout progress; kopf has no per-object requeue-after)."""
+    first-KV-event timeout, rollout progress; kopf has no per-object requeue-after). Each
+    run is counted under its handler id (``metrics.handler``)."""
 
     def handle(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         outcome = reconcile(kube, dict(body), settings, clock())
         if outcome.applied or outcome.deleted:
             logger.info(f"applied {list(outcome.applied)}, deleted {list(outcome.deleted)}")
 
-    for decorator in (
-        kopf.on.create(backend.GROUP, VERSION, PLURAL, id="reconcile-create", registry=registry),
-        kopf.on.update(backend.GROUP, VERSION, PLURAL, id="reconcile-update", registry=registry),
-        kopf.on.resume(backend.GROUP, VERSION, PLURAL, id="reconcile-resume", registry=registry),
-        kopf.timer(
-            backend.GROUP,
-            VERSION,
-            PLURAL,
-            id="reconcile-timer",
-            interval=settings.backend.resync_s,
-            initial_delay=settings.backend.resync_s,
-            registry=registry,
-        ),
+    for handler_id, on in (
+        ("reconcile-create", kopf.on.create),
+        ("reconcile-update", kopf.on.update),
+        ("reconcile-resume", kopf.on.resume),
     ):
-        decorator(handle)
+        on(backend.GROUP, VERSION, PLURAL, id=handler_id, registry=registry)(
+            metrics.handler(handler_id, backend.KIND)(handle)
+        )
+    kopf.timer(
+        backend.GROUP,
+        VERSION,
+        PLURAL,
+        id="reconcile-timer",
+        interval=settings.backend.resync_s,
+        initial_delay=settings.backend.resync_s,
+        registry=registry,
+    )(metrics.handler("reconcile-timer", backend.KIND)(handle))

@@ -39,6 +39,7 @@ from inference_cache.extproc import templates as templates_wire
 from inference_cache.operator import controlplane
 from inference_cache.operator.backend import API_VERSION, GROUP, Obj, make_condition
 from inference_cache.operator.kube import Kube, KubeError, NotFound
+from inference_cache.operator.metrics import METRICS, TICK_ERROR, TICK_OK, OperatorMetrics
 from inference_cache.operator.server_client import ServerClient, ServerError
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _utcnow() -> dt.datetime:
 class ControlPlane:
     """The three loops over one :class:`Kube` and one :class:`ServerClient` (owned: closed
     by :meth:`stop`). ``clock`` (monotonic seconds) drives the re-push interval, ``now``
-    the status timestamps."""
+    the status timestamps; every tick's result goes to ``metrics.controlplane_ticks``."""
 
     def __init__(
         self,
@@ -151,8 +152,10 @@ class ControlPlane:
         *,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], dt.datetime] = _utcnow,
+        metrics: OperatorMetrics = METRICS,
     ) -> None:
         self.kube = kube
+        self.metrics = metrics
         self.server = server
         self.settings = settings
         self._clock = clock
@@ -274,14 +277,17 @@ class ControlPlane:
         waiter = wake if wake is not None else asyncio.Event()
         while True:
             waiter.clear()  # a wake-up during the tick runs the next one at once
+            result = TICK_ERROR
             try:
                 await tick()
+                result = TICK_OK
             except (KubeError, ServerError) as e:
                 log.warning(
                     "control-plane %s tick failed (retried in %gs or on change): %s", name, interval, e
                 )
             except Exception:
                 log.exception("control-plane %s tick failed unexpectedly", name)
+            self.metrics.controlplane_ticks.labels(name, result).inc()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), interval)
 

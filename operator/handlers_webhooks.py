@@ -35,6 +35,13 @@ import kopf
 from inference_cache.operator import crds, webhook
 from inference_cache.operator.backend import API_VERSION, GROUP
 from inference_cache.operator.kube import Kube, KubeError
+from inference_cache.operator.metrics import (
+    METRICS,
+    RESULT_ALLOWED,
+    RESULT_FAIL_OPEN,
+    RESULT_SKIPPED,
+    OperatorMetrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +90,17 @@ def mutate_pod(
     body: Mapping[str, Any],
     patch: kopf.Patch,
     warnings: list[str],
-) -> None:
-    """The engine Pod mutation; never raises (an exception here would deny the pod)."""
+) -> str:
+    """The engine Pod mutation; never raises (an exception here would deny the pod).
+    Returns the admission's metrics result: ``allowed`` (injected), ``skipped`` (not
+    injected: ``Mutation.skipped_reason``) or ``fail_open`` (admitted unchanged after an
+    error, or with CacheBackends that could not be listed)."""
     try:
+        listed = True
         try:
             backends = kube.list(API_VERSION, "CacheBackend", namespace=_namespace(body))
         except KubeError as e:
-            backends = []
+            backends, listed = [], False
             warnings.append(f"inference-cache: engine injection skipped (cannot list CacheBackends: {e})")
         mutation = webhook.mutate_engine_pod(body, webhook.select_backend(body, backends), settings)
         add_json_patch(patch, body, mutation.patch)
@@ -97,6 +108,10 @@ def mutate_pod(
     except Exception as e:
         log.exception("pod %s/%s: engine injection failed, admitted unchanged", _namespace(body), _name(body))
         warnings.append(f"inference-cache: engine injection skipped (internal error: {type(e).__name__})")
+        return RESULT_FAIL_OPEN
+    if not listed:
+        return RESULT_FAIL_OPEN
+    return RESULT_SKIPPED if mutation.skipped_reason is not None else RESULT_ALLOWED
 
 
 def default_cache_backend(body: Mapping[str, Any], patch: kopf.Patch, crd: Mapping[str, Any]) -> None:
@@ -141,36 +156,43 @@ def register(
     settings: webhook.WebhookSettings,
     *,
     cache_backend_crd: Mapping[str, Any] | None = None,
+    metrics: OperatorMetrics = METRICS,
 ) -> None:
     """Register the five admission handlers on ``registry``; ``cache_backend_crd`` is
-    where CacheBackend defaults come from (``crds.cache_backend()`` unless given)."""
+    where CacheBackend defaults come from (``crds.cache_backend()`` unless given). Each
+    request is counted under its handler id (``metrics.admission``)."""
     crd = cache_backend_crd if cache_backend_crd is not None else crds.cache_backend()
     writes: list[kopf.Operation] = ["CREATE", "UPDATE"]
 
     @kopf.on.mutate("", "v1", "pods", id=MUTATE_POD, operations=["CREATE"], registry=registry)
-    def on_pod(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) -> None:
-        mutate_pod(kube, settings, body, patch, warnings)
+    @metrics.admission(MUTATE_POD)
+    def on_pod(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **_: Any) -> str:
+        return mutate_pod(kube, settings, body, patch, warnings)
 
     @kopf.on.mutate(
         GROUP, VERSION, "cachebackends", id=MUTATE_CACHE_BACKEND, operations=writes, registry=registry
     )
+    @metrics.admission(MUTATE_CACHE_BACKEND)
     def on_backend_defaults(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         default_cache_backend(body, patch, crd)
 
     @kopf.on.validate(
         GROUP, VERSION, "cachebackends", id=VALIDATE_CACHE_BACKEND, operations=writes, registry=registry
     )
+    @metrics.admission(VALIDATE_CACHE_BACKEND)
     def on_backend(body: kopf.Body, old: kopf.Body | None = None, **_: Any) -> None:
         validate_cache_backend(body, old)
 
     @kopf.on.validate(
         GROUP, VERSION, "cachepolicies", id=VALIDATE_CACHE_POLICY, operations=writes, registry=registry
     )
+    @metrics.admission(VALIDATE_CACHE_POLICY)
     def on_policy(body: kopf.Body, old: kopf.Body | None = None, **_: Any) -> None:
         validate_cache_policy(kube, body, old)
 
     @kopf.on.validate(
         GROUP, VERSION, "cachetenants", id=VALIDATE_CACHE_TENANT, operations=writes, registry=registry
     )
+    @metrics.admission(VALIDATE_CACHE_TENANT)
     def on_tenant(body: kopf.Body, old: kopf.Body | None = None, **_: Any) -> None:
         validate_cache_tenant(kube, body, old)

@@ -4,10 +4,12 @@ Owner: ``inference_cache.operator``. Place in the flow: this module parses the f
 operator Deployment passes (``config/manager/operator.yaml``), builds one :class:`Kube`
 for the handlers, registers the handler modules on a kopf registry, and runs kopf
 clusterwide in standalone mode (no peering) next to a small health server
-(``/healthz``: the event loop answers; ``/readyz``: kopf finished its startup). With
+(``/healthz``: the event loop answers; ``/readyz``: kopf finished its startup;
+``/metrics``: the operator's Prometheus series, ``operator.metrics``). With
 ``--leader-elect`` it first waits to hold the Lease (``operator.leader``) and runs kopf only
 while it holds it: losing it stops kopf and exits 1 (the Deployment restarts the container
-as a standby). A standby serves only ``/healthz``: its ``/readyz`` stays 503, so the
+as a standby). A standby serves ``/healthz`` and ``/metrics`` (``inferencecache_operator_leader``
+0): its ``/readyz`` stays 503, so the
 webhook Service sends admission requests to the leader alone. The
 handlers do the work (``operator.handlers_*``), and they decide nothing either: the pure
 ``desired_*`` functions do.
@@ -40,6 +42,7 @@ import aiohttp.web
 import kopf
 import kubernetes.config
 from kubernetes import client as k8s
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from inference_cache.operator import (
     backend,
@@ -53,6 +56,7 @@ from inference_cache.operator import (
     webhook,
 )
 from inference_cache.operator.kube import Kube
+from inference_cache.operator.metrics import METRICS, OperatorMetrics
 
 DEFAULT_SERVER_URL: Final = "http://inference-cache-server:8081"
 DEFAULT_SERVER_SERVICE: Final = "inference-cache-server"
@@ -153,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=bind_address,
         default=bind_address(":8081"),
         metavar="ADDR",
-        help="/healthz and /readyz ([host]:port, 0 disables; default :8081)",
+        help="/healthz, /readyz and /metrics ([host]:port, 0 disables; default :8081)",
     )
     parser.add_argument(
         "--webhook-bind-address",
@@ -228,24 +232,33 @@ LoginFn = Callable[..., Any]
 
 
 def build_registry(
-    config: OperatorConfig, kube: Kube, *, login: LoginFn = kopf.login_via_client
+    config: OperatorConfig,
+    kube: Kube,
+    *,
+    login: LoginFn = kopf.login_via_client,
+    metrics: OperatorMetrics = METRICS,
 ) -> kopf.OperatorRegistry:
     """A registry holding the login handler and every handler module's handlers: the
     CacheBackend reconciler, the control-plane loops (``/policy``, ``/snapshot``,
     ``/templates`` against ``config.server_url``) and, unless webhooks are disabled, the
-    admission handlers (kopf stops the operator when admission handlers have no server)."""
+    admission handlers (kopf stops the operator when admission handlers have no server);
+    all of them counting into ``metrics``."""
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry, id="login")(login)
-    handlers_backend.register(registry, kube, backend_settings(config))
+    handlers_backend.register(registry, kube, backend_settings(config), metrics=metrics)
     server = server_client.ServerClient(
-        server_client.ServerClientSettings(url=config.server_url, token_file=config.controller_token_file)
+        server_client.ServerClientSettings(url=config.server_url, token_file=config.controller_token_file),
+        metrics=metrics,
     )
     plane = handlers_controlplane.ControlPlane(
-        kube, server, handlers_controlplane.ControlPlaneSettings(observed_server=config.server_url)
+        kube,
+        server,
+        handlers_controlplane.ControlPlaneSettings(observed_server=config.server_url),
+        metrics=metrics,
     )
     handlers_controlplane.register(registry, plane)
     if config.webhook is not None:
-        handlers_webhooks.register(registry, kube, webhook_settings(config))
+        handlers_webhooks.register(registry, kube, webhook_settings(config), metrics=metrics)
     return registry
 
 
@@ -316,8 +329,11 @@ async def webhook_certificates(
 
 
 @contextlib.asynccontextmanager
-async def health_server(address: BindAddress | None, ready: asyncio.Event) -> AsyncIterator[None]:
-    """``/healthz`` (200 while the loop serves) and ``/readyz`` (200 once ``ready`` is set)."""
+async def health_server(
+    address: BindAddress | None, ready: asyncio.Event, metrics: OperatorMetrics = METRICS
+) -> AsyncIterator[None]:
+    """``/healthz`` (200 while the loop serves), ``/readyz`` (200 once ``ready`` is set)
+    and ``/metrics`` (``metrics`` in the Prometheus text format, leader or standby)."""
     if address is None:
         yield
         return
@@ -330,8 +346,19 @@ async def health_server(address: BindAddress | None, ready: asyncio.Event) -> As
             return aiohttp.web.Response(text="ok")
         return aiohttp.web.Response(status=503, text="starting")
 
+    async def scrape(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        response = aiohttp.web.Response(body=metrics.exposition())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
     app = aiohttp.web.Application()
-    app.add_routes([aiohttp.web.get("/healthz", healthz), aiohttp.web.get("/readyz", readyz)])
+    app.add_routes(
+        [
+            aiohttp.web.get("/healthz", healthz),
+            aiohttp.web.get("/readyz", readyz),
+            aiohttp.web.get("/metrics", scrape),
+        ]
+    )
     runner = aiohttp.web.AppRunner(app, handle_signals=False)
     await runner.setup()
     try:
@@ -349,25 +376,32 @@ async def operate(
     elector: leader.LeaderElector | None = None,
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
+    metrics: OperatorMetrics = METRICS,
 ) -> None:
     """kopf (clusterwide, standalone), the health server and, without mounted certificate
     files, the operator's own webhook certificate, until stopped (a signal, or
     ``stop_flag``). With ``elector``: the health server first, then kopf once the lease is
-    held, stopped with :class:`leader.LeaseLost` raised when it is lost."""
+    held, stopped with :class:`leader.LeaseLost` raised when it is lost. The leader gauge
+    of ``metrics`` is 1 from the lease (or the start, without ``elector``) until kopf stops."""
     ready = ready_flag or asyncio.Event()
     stop = stop_flag or asyncio.Event()
-    async with health_server(config.health, ready):
+    metrics.leader.set(0)
+    async with health_server(config.health, ready, metrics):
         if elector is not None:
             await elector.acquire()
-        async with webhook_certificates(config, kube) as generated, leader.leading(elector, stop):
-            await kopf.operator(
-                registry=registry,
-                settings=kopf_settings(config, generated),
-                standalone=True,
-                clusterwide=True,
-                stop_flag=stop,
-                ready_flag=ready,
-            )
+        metrics.leader.set(1)
+        try:
+            async with webhook_certificates(config, kube) as generated, leader.leading(elector, stop):
+                await kopf.operator(
+                    registry=registry,
+                    settings=kopf_settings(config, generated),
+                    standalone=True,
+                    clusterwide=True,
+                    stop_flag=stop,
+                    ready_flag=ready,
+                )
+        finally:
+            metrics.leader.set(0)
 
 
 def _api_client() -> k8s.ApiClient:

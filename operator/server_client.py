@@ -27,6 +27,13 @@ from typing import Any, Final, Self
 import aiohttp
 
 from inference_cache.extproc import templates as templates_wire
+from inference_cache.operator.metrics import (
+    METRICS,
+    REQUEST_OK,
+    REQUEST_REJECTED,
+    REQUEST_UNAVAILABLE,
+    OperatorMetrics,
+)
 
 #: The server's controller listener, from the operator's namespace (config/manager/operator.yaml).
 DEFAULT_SERVER_URL: Final = "http://inference-cache-server:8081"
@@ -71,10 +78,12 @@ class ServerClientSettings:
 
 class ServerClient:
     """One aiohttp session for the operator's lifetime: ``async with ServerClient(s) as c``
-    or :meth:`close` when done."""
+    or :meth:`close` when done. Every call is counted in ``metrics.server_requests``
+    (``call``: the path without its ``/``; ``result``: ok, unavailable, rejected)."""
 
-    def __init__(self, settings: ServerClientSettings) -> None:
+    def __init__(self, settings: ServerClientSettings, *, metrics: OperatorMetrics = METRICS) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._base = settings.url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
 
@@ -125,6 +134,18 @@ class ServerClient:
         return headers
 
     async def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        try:
+            data = await self._request(method, path, body)
+        except ServerRejected:
+            self.metrics.server_requests.labels(path.lstrip("/"), REQUEST_REJECTED).inc()
+            raise
+        except ServerUnavailable:
+            self.metrics.server_requests.labels(path.lstrip("/"), REQUEST_UNAVAILABLE).inc()
+            raise
+        self.metrics.server_requests.labels(path.lstrip("/"), REQUEST_OK).inc()
+        return data
+
+    async def _request(self, method: str, path: str, body: bytes | None) -> bytes:
         what = f"{method} {path}"
         headers = self._headers(method)
         if self._session is None:  # created inside the running loop
