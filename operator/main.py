@@ -42,7 +42,7 @@ import aiohttp.web
 import kopf
 import kubernetes.config
 from kubernetes import client as k8s
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from inference_cache.operator import (
     backend,
@@ -348,7 +348,7 @@ async def health_server(
 
     async def scrape(_: aiohttp.web.Request) -> aiohttp.web.Response:
         response = aiohttp.web.Response(body=metrics.exposition())
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
         return response
 
     app = aiohttp.web.Application()

@@ -22,6 +22,7 @@ from kubernetes import client as k8s
 
 from inference_cache import cli
 from inference_cache.operator import certs, kube, main
+from inference_cache.operator.metrics import METRICS
 
 MANIFEST_ARGS = [
     "--leader-elect",
@@ -156,6 +157,15 @@ BACKENDS = kmock.resource("inferencecache.io", "v1alpha1", "cachebackends")
 PODS = kmock.resource("", "v1", "pods")
 
 
+def _reconciles_ok(text: str) -> float:
+    """The CacheBackend handler runs with outcome ok in a ``/metrics`` text, summed."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("inferencecache_operator_handler_runs_total{") and 'kind="CacheBackend"' in line:
+            total += float(line.rsplit(" ", 1)[1]) if 'outcome="ok"' in line else 0.0
+    return total
+
+
 async def _get(url: str) -> int:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return response.status
@@ -203,6 +213,7 @@ async def test_operator_reconciles_a_backend_and_reports_health(
     api_config = k8s.Configuration(host=str(kmock.url).rstrip("/"))
     api_config.retries = 0
     stop, ready = asyncio.Event(), asyncio.Event()
+    before = _reconciles_ok(METRICS.exposition().decode())
     with k8s.ApiClient(api_config) as api:
         kube_ = kube.Kube(api, timeout_s=10)
         registry = main.build_registry(config, kube_, login=login)
@@ -233,6 +244,12 @@ async def test_operator_reconciles_a_backend_and_reports_health(
             assert {c["type"]: c["reason"] for c in status["conditions"]}["Ready"] == "NoEnginePods"
             assert status["observedGeneration"] == 1
             assert status["gateway"] == {"emitted": [], "skipped": []}
+
+            async def counted() -> bool:  # the run is counted once the handler returned
+                async with aiohttp.ClientSession() as session, session.get(f"{health}/metrics") as r:
+                    return _reconciles_ok(await r.text()) > before
+
+            await _until(counted, "the reconcile counted on /metrics")
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=30)
