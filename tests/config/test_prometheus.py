@@ -1,6 +1,6 @@
-"""``config/prometheus``: the ServiceMonitor and the PrometheusRule validate against
-prometheus-operator's own CRDs, and every rule's PromQL parses and names only series and
-labels the server really exports.
+"""``config/prometheus``: the ServiceMonitor, the PodMonitor and the PrometheusRules validate
+against prometheus-operator's own CRDs, and every rule's PromQL parses and names only series
+and labels the server (first PrometheusRule) or the operator (second) really exports.
 
 Owner: tests of ``config/`` (issue #7). Place in the flow: ``kubectl kustomize
 config/prometheus`` as the user applies it. ``test_schemas.py`` validates its
@@ -10,10 +10,12 @@ vendored verbatim from prometheus-operator (:data:`CRD_FILES`,
 are that release and that the validation refuses broken objects. Each rule's ``expr`` is parsed
 by ``promql_parser`` (the Rust promql-parser crate) and its AST walked: every vector
 selector must name a series of the registry ``/metrics`` serves (a ``Server`` built, not
-started, as in ``test_docs_reference``), a target series (``up``) or a recording rule of
-the same object; every matcher, ``by``/``without``/``on``/``ignoring`` label, ``le`` bound
-and ``$labels.x`` of an annotation must exist where it is used. The labels Prometheus adds
-to every scraped series are :data:`TARGET_LABELS`.
+started, as in ``test_docs_reference``; for the operator's rules an ``OperatorMetrics``), a
+target series (``up``) or a recording rule of the same object; every matcher,
+``by``/``without``/``on``/``ignoring`` label, ``le`` bound and ``$labels.x`` of an annotation
+must exist where it is used. The labels Prometheus adds to every scraped series are
+:data:`TARGET_LABELS` (ServiceMonitor) and :data:`POD_TARGET_LABELS` (PodMonitor).
+The operator's series table (docs/operator.md "Metrics") lists exactly the operator registry's families.
 
 Not checked: that a Prometheus evaluates the rules (no Prometheus here), thresholds, and
 PromQL semantics beyond label flow (e.g. that a ratio is a ratio).
@@ -33,6 +35,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.utils import floatToGoString
 
+from inference_cache.operator.metrics import OperatorMetrics
+
 from ..operator import crd_validate
 from ..test_docs_reference import _registry, _section, _tables, _ticked
 from . import manifests
@@ -42,6 +46,7 @@ CRDS = manifests.REPO / "tests" / "data" / "prometheus-operator-crds"
 OPERATOR_VERSION = "0.93.0"
 CRD_FILES = {
     "ServiceMonitor": CRDS / "monitoring.coreos.com_servicemonitors.yaml",
+    "PodMonitor": CRDS / "monitoring.coreos.com_podmonitors.yaml",
     "PrometheusRule": CRDS / "monitoring.coreos.com_prometheusrules.yaml",
 }
 #: Labels every series scraped through a ServiceMonitor carries: the relabelings
@@ -49,8 +54,11 @@ CRD_FILES = {
 #: ``pkg/prometheus/promcfg.go``: namespace, service, pod, container, job, endpoint) and
 #: Prometheus's own ``instance``.
 TARGET_LABELS = frozenset({"namespace", "service", "pod", "container", "job", "endpoint", "instance"})
-#: Series Prometheus makes itself for every target.
-TARGET_SERIES = {"up": TARGET_LABELS}
+#: The same for a PodMonitor endpoint (``generatePodMonitorConfig``: no ``service``).
+POD_TARGET_LABELS = TARGET_LABELS - {"service"}
+#: The scrape object of each PrometheusRule (by ``app.kubernetes.io/component``) and the
+#: labels its targets carry.
+COMPONENTS = {"server": ("ServiceMonitor", TARGET_LABELS), "operator": ("PodMonitor", POD_TARGET_LABELS)}
 SEVERITIES = {"warning", "critical"}
 DOCS = manifests.REPO / "docs"
 
@@ -65,10 +73,17 @@ def monitoring(kustomize: Callable[[str], str]) -> list[dict[str, Any]]:
     return [o for o in objs if manifests.group_of(o) == "monitoring.coreos.com"]
 
 
+def _component(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
 @pytest.fixture(scope="module")
-def rule_object(monitoring: list[dict[str, Any]]) -> dict[str, Any]:
-    (only,) = manifests.of_kind(monitoring, "PrometheusRule")
-    return only
+def rule_objects(monitoring: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Component (``server``, ``operator``) -> its PrometheusRule."""
+    objs = list(manifests.of_kind(monitoring, "PrometheusRule"))
+    by_component = {_component(o): o for o in objs}
+    assert len(by_component) == len(objs)
+    return by_component
 
 
 def _rules(rule_object: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -83,10 +98,15 @@ def _name(rule: dict[str, Any]) -> str:
 # -- schema ------------------------------------------------------------------------------------
 
 
-def test_the_overlay_adds_one_service_monitor_and_one_prometheus_rule(
+def test_the_overlay_adds_a_monitor_and_a_prometheus_rule_per_component(
     monitoring: list[dict[str, Any]],
 ) -> None:
-    assert sorted(o["kind"] for o in monitoring) == ["PrometheusRule", "ServiceMonitor"]
+    assert sorted((_component(o), o["kind"]) for o in monitoring) == [
+        ("operator", "PodMonitor"),
+        ("operator", "PrometheusRule"),
+        ("server", "PrometheusRule"),
+        ("server", "ServiceMonitor"),
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(CRD_FILES))
@@ -105,12 +125,14 @@ def test_the_vendored_crds_are_the_named_release_and_fully_evaluable(kind: str) 
         ("PrometheusRule", ("spec", "groups", 0, "rules", 0, "severity"), "warning"),
         ("ServiceMonitor", ("spec", "endpoints", 0, "interval"), "30 seconds"),
         ("ServiceMonitor", ("spec", "endpoints", 0, "prot"), "http"),
+        ("PodMonitor", ("spec", "podMetricsEndpoints", 0, "interval"), "30 seconds"),
+        ("PodMonitor", ("spec", "podMetricsEndpoints", 0, "prot"), "health"),
     ],
 )
 def test_the_validation_rejects_a_broken_object(
     kind: str, path: tuple[str | int, ...], value: str, monitoring: list[dict[str, Any]]
 ) -> None:
-    (obj,) = manifests.of_kind(monitoring, kind)
+    obj = next(manifests.of_kind(monitoring, kind))
     broken = copy.deepcopy(obj)
     parent = broken
     for key in path[:-1]:
@@ -119,23 +141,42 @@ def test_the_validation_rejects_a_broken_object(
     assert crd_validate.validate(broken, crd_validate.load_crd(CRD_FILES[kind])) != []
 
 
-def test_the_rules_select_the_job_the_service_monitor_scrapes(
-    kustomize: Callable[[str], str], rule_object: dict[str, Any]
-) -> None:
-    """prometheus-operator sets ``job`` to the Service's name unless ``jobLabel`` is set."""
-    objs = manifests.parse(kustomize("prometheus"))
-    (monitor,) = manifests.of_kind(objs, "ServiceMonitor")
+def _job(objs: list[dict[str, Any]], component: str) -> str:
+    """The ``job`` prometheus-operator gives the targets of ``component``'s scrape object:
+    a ServiceMonitor's the Service's name, a PodMonitor's ``<namespace>/<name>`` (v0.93.0,
+    ``pkg/prometheus/promcfg.go``), neither with ``jobLabel`` set."""
+    kind, _labels = COMPONENTS[component]
+    (monitor,) = [m for m in manifests.of_kind(objs, kind) if _component(m) == component]
     assert "jobLabel" not in monitor["spec"]
     selector = monitor["spec"]["selector"]["matchLabels"]
+    if kind == "PodMonitor":
+        (deployment,) = [
+            d
+            for d in manifests.of_kind(objs, "Deployment")
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        ports = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+        return f"{monitor['metadata']['namespace']}/{monitor['metadata']['name']}"
     (service,) = [
         s
         for s in manifests.of_kind(objs, "Service")
         if selector.items() <= s["metadata"].get("labels", {}).items()
     ]
+    return str(service["metadata"]["name"])
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_the_rules_select_the_job_their_monitor_scrapes(
+    kustomize: Callable[[str], str], rule_objects: dict[str, dict[str, Any]], component: str
+) -> None:
+    objs = manifests.parse(kustomize("prometheus"))
+    rule_object = rule_objects[component]
     jobs = {
         m.value for rule in _rules(rule_object) for m in _matchers(pq.parse(rule["expr"])) if m.name == "job"
     }
-    assert jobs == {service["metadata"]["name"]}
+    assert jobs == {_job(objs, component)}
+    (monitor,) = [m for m in manifests.of_kind(objs, COMPONENTS[component][0]) if _component(m) == component]
     assert rule_object["metadata"]["namespace"] == monitor["metadata"]["namespace"]
     assert rule_object["metadata"]["labels"] == monitor["metadata"]["labels"]
 
@@ -152,7 +193,9 @@ class Series:
         self.buckets = buckets
 
 
-def exported_series(registry: CollectorRegistry) -> dict[str, Series]:
+def exported_series(
+    registry: CollectorRegistry, target_labels: frozenset[str] = TARGET_LABELS
+) -> dict[str, Series]:
     """Every series name ``registry`` exposes -> its labels (target labels included): a
     counter's ``_total``, a histogram's ``_bucket``/``_sum``/``_count``, a gauge's name.
     Label names come from the metric objects and the collectors' families, so series no
@@ -160,7 +203,7 @@ def exported_series(registry: CollectorRegistry) -> dict[str, Series]:
     out: dict[str, Series] = {}
 
     def add(name: str, type_: str, labels: frozenset[str], buckets: frozenset[str]) -> None:
-        labels |= TARGET_LABELS
+        labels |= target_labels
         if type_ == "counter":
             out[name + "_total"] = Series(labels)
         elif type_ == "histogram":
@@ -185,17 +228,29 @@ def exported_series(registry: CollectorRegistry) -> dict[str, Series]:
     return out
 
 
-@pytest.fixture(scope="module")
-def series(rule_object: dict[str, Any]) -> dict[str, Series]:
-    """The server's series, the target series, and the object's recording rules."""
-    known = exported_series(_registry())
-    known.update({name: Series(frozenset(labels)) for name, labels in TARGET_SERIES.items()})
+def _known_series(component: str, rule_object: dict[str, Any]) -> dict[str, Series]:
+    """``component``'s series, the target series (``up``), and the object's recording rules."""
+    target_labels = COMPONENTS[component][1]
+    registry = _registry() if component == "server" else OperatorMetrics().registry
+    known = exported_series(registry, target_labels)
+    known["up"] = Series(target_labels)
     for rule in _rules(rule_object):
         if "record" in rule:
             errors: list[str] = []
             known[rule["record"]] = Series(labels_of(pq.parse(rule["expr"]), known, errors))
             assert errors == [], rule["record"]
     return known
+
+
+@pytest.fixture(scope="module")
+def all_series(rule_objects: dict[str, dict[str, Any]]) -> dict[str, dict[str, Series]]:
+    return {component: _known_series(component, obj) for component, obj in rule_objects.items()}
+
+
+@pytest.fixture(scope="module")
+def series(all_series: dict[str, dict[str, Series]]) -> dict[str, Series]:
+    """The server's series (the PromQL checks' own tests use them)."""
+    return all_series["server"]
 
 
 def test_the_series_model_knows_counters_histograms_and_scrape_time_families() -> None:
@@ -297,9 +352,9 @@ def check(expr: str, series: dict[str, Series]) -> tuple[frozenset[str], list[st
     return labels, errors
 
 
-def _rule_params(path: Path) -> list[str]:
-    obj = next(o for o in manifests.parse(path.read_text()) if o["kind"] == "PrometheusRule")
-    return [_name(r) for r in _rules(obj)]
+def _rule_params(path: Path) -> list[tuple[str, str]]:
+    objs = [o for o in manifests.parse(path.read_text()) if o["kind"] == "PrometheusRule"]
+    return [(_component(o), _name(r)) for o in objs for r in _rules(o)]
 
 
 RULE_NAMES = _rule_params(manifests.CONFIG / "prometheus" / "rules.yaml")
@@ -310,17 +365,21 @@ def _rule(rule_object: dict[str, Any], name: str) -> dict[str, Any]:
     return only
 
 
-def test_rule_names_are_unique(rule_object: dict[str, Any]) -> None:
-    names = [_name(r) for r in _rules(rule_object)]
+def test_rule_names_are_unique(rule_objects: dict[str, dict[str, Any]]) -> None:
+    names = [_name(r) for obj in rule_objects.values() for r in _rules(obj)]
     assert len(names) == len(set(names)) > 10
+    assert {c for c, _ in RULE_NAMES} == set(COMPONENTS)
 
 
-@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize(("component", "name"), RULE_NAMES)
 def test_the_expression_uses_only_exported_series_and_labels(
-    name: str, rule_object: dict[str, Any], series: dict[str, Series]
+    component: str,
+    name: str,
+    rule_objects: dict[str, dict[str, Any]],
+    all_series: dict[str, dict[str, Series]],
 ) -> None:
-    rule = _rule(rule_object, name)
-    labels, errors = check(rule["expr"], series)
+    rule = _rule(rule_objects[component], name)
+    labels, errors = check(rule["expr"], all_series[component])
     assert errors == []
     assert labels, "the result carries no label to tell its alerts apart"
     used = set(re.findall(r"\$labels\.(\w+)", " ".join(rule.get("annotations", {}).values())))
@@ -374,11 +433,11 @@ def _anchors(markdown: str) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("name", RULE_NAMES)
+@pytest.mark.parametrize(("component", "name"), RULE_NAMES)
 def test_every_alert_has_for_severity_summary_description_and_a_real_runbook(
-    name: str, rule_object: dict[str, Any]
+    component: str, name: str, rule_objects: dict[str, dict[str, Any]]
 ) -> None:
-    rule = _rule(rule_object, name)
+    rule = _rule(rule_objects[component], name)
     if "record" in rule:
         assert re.fullmatch(r"inferencecache:[a-z0-9_]+:[a-z0-9_]+", rule["record"])
         assert set(rule) == {"record", "expr"}
@@ -401,10 +460,32 @@ def test_the_anchor_check_knows_github_slugs() -> None:
     }
 
 
-def test_the_alerts_table_of_the_metrics_reference_lists_every_alert(rule_object: dict[str, Any]) -> None:
+def test_the_alerts_table_of_the_metrics_reference_lists_every_alert(
+    rule_objects: dict[str, dict[str, Any]],
+) -> None:
     text = _section((DOCS / "metrics.md").read_text(encoding="utf-8"), lambda h: h == "Alerts")
     ((header, rows),) = list(_tables(text))
     assert header[:2] == ["alert", "severity"]
     documented = {_ticked(r[0])[0]: r[1] for r in rows}
-    shipped = {_name(r): r["labels"]["severity"] for r in _rules(rule_object) if "alert" in r}
+    shipped = {
+        _name(r): r["labels"]["severity"]
+        for obj in rule_objects.values()
+        for r in _rules(obj)
+        if "alert" in r
+    }
     assert documented == shipped
+
+
+def test_the_operator_series_table_lists_exactly_the_operator_registry() -> None:
+    """docs/operator.md "Metrics": one row per ``inferencecache_operator_*`` family under its
+    exposed name (counters with ``_total``), and no row for a family that does not exist."""
+    text = _section((DOCS / "operator.md").read_text(encoding="utf-8"), lambda h: h == "Metrics")
+    ((header, rows),) = list(_tables(text))
+    assert header[:2] == ["name", "type"]
+    documented = {_ticked(r[0])[0]: r[1] for r in rows}
+    exported = {
+        f.name + ("_total" if f.type == "counter" else ""): f.type
+        for f in OperatorMetrics().registry.collect()
+        if f.name.startswith("inferencecache_operator_")
+    }
+    assert documented == exported
