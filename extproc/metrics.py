@@ -404,6 +404,11 @@ class ExtProcMetrics:
             registry=r,
         )
 
+    def forget_endpoint(self, replica_id: str) -> None:
+        """Drop an endpoint's per-endpoint series (discovery removed it): engine pods get a new
+        address on every restart, and kept series would grow without bound."""
+        self.routed.remove(replica_id)
+
     # -- protocol.ProtocolObserver ------------------------------------------------------------
     def request(self, *, mode: str, outcome: str, status: int) -> None:
         self.requests.labels(mode, outcome).inc()

@@ -759,6 +759,7 @@ class Server:
         self.workers.remove(worker)
         self._ready.pop(address, None)
         self.metrics.endpoint_ready.remove(address)
+        self.metrics.extproc.forget_endpoint(address)
         self.index.replica_cleared(address, model=worker.endpoint.model, tenant=worker.endpoint.tenant)
 
     def _discover(self) -> list[config_mod.EndpointConfig]:

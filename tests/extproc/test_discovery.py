@@ -25,6 +25,7 @@ from kubernetes import client as k8s
 
 from inference_cache import config
 from inference_cache.extproc import discovery, serve
+from inference_cache.extproc.picking import Decision
 from inference_cache.index import fingerprint, types
 from inference_cache.operator import kube
 from inference_cache.proto import pb, pb_grpc
@@ -388,13 +389,24 @@ async def test_server_routes_to_discovered_endpoints_and_drops_a_deleted_pod(
             await workers_are([e1, e2])  # the watch's first list
             srv.index.blocks_stored(scope, e2, fingerprint.chain_keys(tokens, 16), [16, 32, 48, 64])
             assert await routed() == [(e2, 64)]
+            for e in (e1, e2):  # one ext_proc decision each
+                srv.metrics.extproc.decided(Decision(endpoints=(e,)), 0.001, MODEL, "precise")
 
-            # Pod b is deleted: the watch event drops its endpoint, worker and index entries.
+            def series(name: str, e: str) -> float | None:
+                return srv.metrics.registry.get_sample_value(name, {"replica_id": e})
+
+            per_endpoint = ("inferencecache_endpoint_ready", "inferencecache_extproc_routed_total")
+            assert all(series(name, e2) is not None for name in per_endpoint)
+
+            # Pod b is deleted: the watch event drops its endpoint, worker and index entries,
+            # and its per-endpoint series (a restarted pod comes back with a new address).
             await asyncio.to_thread(k.delete, "v1", "Pod", NS, "pb")
             await workers_are([e1])
             assert await routed() == [(e1, 0)]
             assert srv.index.total_entries == 0
             assert srv.picker.routes[MODEL].endpoints == (e1,)
+            assert [series(name, e2) for name in per_endpoint] == [None, None]
+            assert all(series(name, e1) is not None for name in per_endpoint)
 
             # A full poll on demand finds the same set.
             await srv.discover_once()
