@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from inference_cache.extproc.picking import Decision, Rejection, Usage
+from inference_cache.index.kvevents.counters import EVENT_TYPES
 
 LOOKUP_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -210,8 +211,10 @@ class StateCollector(Collector):
         events = CounterMetricFamily(
             "inferencecache_kv_events", "KV events ingested, by event type.", labels=["type"]
         )
-        for type_, n in sorted(ing.events.items()):
-            events.add_metric([type_], n)
+        # every type from the start (0 until its first event), so that "no event since the
+        # server started" is a series an alert can test
+        for type_ in sorted({*EVENT_TYPES, *ing.events}):
+            events.add_metric([type_], ing.events.get(type_, 0))
         yield events
         for name, help_, value in (
             (

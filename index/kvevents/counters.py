@@ -10,6 +10,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+#: The ``Counters.events`` keys: every engine event type, and ``unknown``.
+STORED, REMOVED, CLEARED, UNKNOWN = EVENT_TYPES = (
+    "BlockStored",
+    "BlockRemoved",
+    "AllBlocksCleared",
+    "unknown",
+)
+
 
 @dataclass(slots=True)
 class Counters:

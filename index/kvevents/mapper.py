@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 from inference_cache.index import fingerprint
 from inference_cache.index.kvevents import decode
 from inference_cache.index.kvevents.config import EndpointConfig
-from inference_cache.index.kvevents.counters import Counters
+from inference_cache.index.kvevents.counters import CLEARED, REMOVED, STORED, UNKNOWN, Counters
 from inference_cache.index.types import HASH_SCHEME_VLLM, Scope
 
 if TYPE_CHECKING:  # the ``subscribe`` sidecar never loads ``tokenizers``
@@ -151,16 +151,16 @@ class Mapper:
         for event in batch.events:
             match event:
                 case decode.BlockStored():
-                    self.counters.events["BlockStored"] += 1
+                    self.counters.events[STORED] += 1
                     self._stored(event, rank, batch.ts)
                 case decode.BlockRemoved():
-                    self.counters.events["BlockRemoved"] += 1
+                    self.counters.events[REMOVED] += 1
                     self._removed(event, rank)
                 case decode.AllBlocksCleared():
-                    self.counters.events["AllBlocksCleared"] += 1
+                    self.counters.events[CLEARED] += 1
                     self.drop_rank(rank)
                 case decode.UnknownEvent():
-                    self.counters.events["unknown"] += 1
+                    self.counters.events[UNKNOWN] += 1
 
     def drop_rank(self, rank: int) -> None:
         """Forget everything ``rank`` told us (engine cleared, restarted, or events lost).

@@ -197,6 +197,18 @@ def test_ingest_counters_are_summed_over_endpoints() -> None:
     )
     m = metrics.ServerMetrics(read_ingest=lambda: readings)
     assert m.registry.get_sample_value("inferencecache_kv_events_total", {"type": "BlockStored"}) == 5
+    assert m.registry.get_sample_value("inferencecache_kv_events_total", {"type": "AllBlocksCleared"}) == 0
+    # before any event: every type is a 0 series (an alert on "no events" can fire after a restart)
+    fresh = metrics.ServerMetrics(read_ingest=metrics.IngestReadings)
+    types_ = ("BlockStored", "BlockRemoved", "AllBlocksCleared", "unknown")
+    assert [
+        fresh.registry.get_sample_value("inferencecache_kv_events_total", {"type": t}) for t in types_
+    ] == [
+        0,
+        0,
+        0,
+        0,
+    ]
     assert m.registry.get_sample_value("inferencecache_kv_event_decode_errors_total") == 3
     assert m.registry.get_sample_value("inferencecache_kv_skipped_blocks_total", {"reason": "medium"}) == 4
     assert m.registry.get_sample_value("inferencecache_kv_event_replays_total") == 5
