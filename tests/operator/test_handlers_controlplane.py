@@ -26,6 +26,7 @@ from inference_cache import config, render
 from inference_cache.extproc import serve
 from inference_cache.operator import handlers_controlplane as hc
 from inference_cache.operator import kube
+from inference_cache.operator.metrics import OperatorMetrics
 from inference_cache.operator.server_client import ServerClient, ServerClientSettings, ServerUnavailable
 from inference_cache.proto import pb, pb_grpc
 
@@ -84,12 +85,26 @@ async def server() -> AsyncIterator[serve.Server]:
         await srv.stop()
 
 
-def make_plane(api: k8s.ApiClient, url: str, clock: Clock | None = None) -> hc.ControlPlane:
+def make_plane(
+    api: k8s.ApiClient, url: str, clock: Clock | None = None, metrics: OperatorMetrics | None = None
+) -> hc.ControlPlane:
     client = ServerClient(ServerClientSettings(url=url, token_file=None))
     settings = hc.ControlPlaneSettings(observed_server=url)
     return hc.ControlPlane(
-        kube.Kube(api, timeout_s=10), client, settings, clock=clock or Clock(), now=lambda: NOW
+        kube.Kube(api, timeout_s=10),
+        client,
+        settings,
+        clock=clock or Clock(),
+        now=lambda: NOW,
+        metrics=metrics or OperatorMetrics(),
     )
+
+
+def ticks(metrics: OperatorMetrics, loop: str, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "inferencecache_operator_controlplane_ticks_total", {"loop": loop, "result": result}
+    )
+    return value or 0.0
 
 
 @pytest.fixture
@@ -344,6 +359,12 @@ async def test_loops_tick_at_start_and_on_wake_up(
     await _until(lambda: server.policies.ttl_s("team-a") == 90.0, "the pushed policy")
     await plane.stop()
     assert plane._tasks == []
+    # every loop's ticks counted, none failed (the templates loop ticked at least twice)
+    assert [ticks(plane.metrics, loop, "ok") >= 1 for loop in ("policy", "snapshot", "templates")] == [
+        True
+    ] * 3
+    assert ticks(plane.metrics, "templates", "ok") >= 2
+    assert sum(ticks(plane.metrics, loop, "error") for loop in ("policy", "snapshot", "templates")) == 0
 
 
 async def test_a_failing_tick_is_logged_and_the_loop_goes_on(
@@ -357,6 +378,8 @@ async def test_a_failing_tick_is_logged_and_the_loop_goes_on(
         plane.policy_wake.set()
         await _until(lambda: caplog.text.count("control-plane policy tick failed") >= 2, "a second tick")
         assert all(not t.done() for t in plane._tasks)
+        assert ticks(plane.metrics, "policy", "error") >= 2  # each failed tick counted
+        assert ticks(plane.metrics, "policy", "ok") == 0
     finally:
         await plane.stop()
 
