@@ -17,8 +17,9 @@ would be the bottleneck. Envoy, the engines and the load generator share the oth
 
 Per prompt size (chat of about 1k/8k/32k Qwen tokens, one distinct conversation per request)
 and turn, ``--requests`` requests at ``--concurrency`` after ``--warmup`` requests, through
-Envoy alone and through Envoy + ext_proc in alternating chunks of ``ALTERNATE_CHUNK`` (so a
-slow spell of this shared machine lands on both, not on one side of the difference):
+Envoy alone, Envoy + ext_proc and (when installed) vllm-router in alternating chunks of
+``ALTERNATE_CHUNK`` (so a slow spell of this shared machine lands on every front, not on one
+side of a comparison):
 
 * first turn: a new conversation (system + user message): the tokenizer cache and the KV
   index miss;
@@ -591,20 +592,21 @@ ALTERNATE_CHUNK = 25
 
 async def drive_alternating(
     session: aiohttp.ClientSession,
-    urls: tuple[str, str],
+    urls: Sequence[str],
     bodies: Sequence[bytes],
     concurrency: int,
     chunk: int = ALTERNATE_CHUNK,
-) -> tuple[Run, Run]:
-    """Every body through both fronts, ``chunk`` bodies through the first, the same through
-    the second, and so on: a change in the machine's speed during the cell (this shared
-    machine has slow spells of tens of seconds) lands on both runs, not on one."""
-    runs: tuple[list[Run], list[Run]] = ([], [])
+) -> list[Run]:
+    """Every body through every front: ``chunk`` bodies through the first, the same through
+    the next, and so on, one ``Run`` per front. A change in the machine's speed during the
+    cell (this shared machine has slow spells of tens of seconds) lands on every front, not
+    on one side of a comparison."""
+    runs: list[list[Run]] = [[] for _ in urls]
     for start in range(0, len(bodies), chunk):
         part = bodies[start : start + chunk]
         for url, out in zip(urls, runs, strict=True):
             out.append(await drive(session, url, part, concurrency))
-    first, second = (
+    return [
         Run(
             [x for r in rs for x in r.latencies_ms],
             sum(r.wall_s for r in rs),
@@ -612,8 +614,7 @@ async def drive_alternating(
             [x for r in rs for x in r.served],
         )
         for rs in runs
-    )
-    return first, second
+    ]
 
 
 Histogram = dict[str, float]
@@ -901,25 +902,31 @@ async def measure(settings: Settings, progress: Callable[[str], None]) -> list[d
                 pick: Callable[[Conversation], bytes] = (
                     (lambda c: c.first) if turn == "first" else (lambda c: c.follow_up)
                 )
-                fronts = "Envoy alone, Envoy + ext_proc" + (", vllm-router" if router else "")
-                progress(f"{size} tokens, {turn} turn: {fronts}")
+                names = "Envoy alone, Envoy + ext_proc" + (", vllm-router" if router else "")
+                progress(f"{size} tokens, {turn} turn: {names} (alternating)")
+                fronts = [alone_envoy.url, with_envoy.url] + ([router.url] if router else [])
                 await drive(session, alone_envoy.url, [pick(c) for c in warm], settings.concurrency)
                 warm_run = await drive(session, with_envoy.url, [pick(c) for c in warm], settings.concurrency)
+                if router is not None:
+                    await drive(session, router.url, [pick(c) for c in warm], settings.concurrency)
+                    hits0 = (await router.lookups(session)).get("hit", 0.0)
                 before = await server_metrics(session, server.addresses["http_addr"])
                 cpu0 = server.cpu_seconds()
-                alone, routed = await drive_alternating(
-                    session, (alone_envoy.url, with_envoy.url), [pick(c) for c in timed], settings.concurrency
+                runs = await drive_alternating(
+                    session, fronts, [pick(c) for c in timed], settings.concurrency
                 )
                 cpu = server.cpu_seconds() - cpu0
                 after = await server_metrics(session, server.addresses["http_addr"])
+                alone, routed = runs[0], runs[1]
                 if turn == "first":
                     served = warm_run.served + routed.served
                 row = _row(settings, size, turn, timed[0], alone, routed, (before, after), cpu, matched)
-                columns, errors = await _router_cells(
-                    session, router, warm, timed, pick, settings.concurrency, alone
-                )
-                row.update(columns)
-                row["errors"] += errors
+                if router is not None:
+                    hits = (await router.lookups(session)).get("hit", 0.0) - hits0
+                    row.update(_router_columns(runs[2], int(hits), alone))
+                    row["errors"] += runs[2].errors
+                else:
+                    row.update(_router_columns(None, 0, alone))
                 rows.append(row)
     return rows
 
@@ -970,33 +977,21 @@ def _row(
     }
 
 
-async def _router_cells(
-    session: aiohttp.ClientSession,
-    router: Router | None,
-    warm: Sequence[Conversation],
-    timed: Sequence[Conversation],
-    pick: Callable[[Conversation], bytes],
-    concurrency: int,
-    alone: Run,
-) -> tuple[dict[str, Any], int]:
-    """The vllm-router kv_aware columns of a cell (null without vllm-router), and its errors."""
+def _router_columns(run: Run | None, hits: int, alone: Run) -> dict[str, Any]:
+    """The vllm-router kv_aware columns of a cell from its ``run`` (all null without
+    vllm-router); ``hits``: its KV lookup hits over the run."""
     keys = ("p50_ms", "p99_ms", "rps", "added_p50_ms", "added_p99_ms", "lookup_hits")
-    if router is None:
-        return {"vllm_router_workers": None, **{f"vllm_kv_aware_{k}": None for k in keys}}, 0
-    await drive(session, router.url, [pick(c) for c in warm], concurrency)
-    before = (await router.lookups(session)).get("hit", 0.0)
-    run = await drive(session, router.url, [pick(c) for c in timed], concurrency)
-    hits = (await router.lookups(session)).get("hit", 0.0) - before
-    columns = {
+    if run is None:
+        return {"vllm_router_workers": None, **{f"vllm_kv_aware_{k}": None for k in keys}}
+    return {
         "vllm_router_workers": 1,
         "vllm_kv_aware_p50_ms": _ms(run.percentile(0.5)),
         "vllm_kv_aware_p99_ms": _ms(run.percentile(0.99)),
         "vllm_kv_aware_rps": round(run.rps, 1),
         "vllm_kv_aware_added_p50_ms": _ms(run.percentile(0.5) - alone.percentile(0.5)),
         "vllm_kv_aware_added_p99_ms": _ms(run.percentile(0.99) - alone.percentile(0.99)),
-        "vllm_kv_aware_lookup_hits": int(hits),
+        "vllm_kv_aware_lookup_hits": hits,
     }
-    return columns, run.errors
 
 
 _COLUMNS = (
