@@ -28,7 +28,7 @@ Jumps (request-path speed): stepping the walk costs two dict probes per block, m
 them cache misses once the chain is large (0.5 ms for an 8k-token follow-up among 200
 cached conversations). So each run of ``jump_blocks`` consecutive blocks stored in one
 call also gets a jump keyed by the node before it: ``XXH3_64(JUMP_SEED, the run's bytes)``,
-their total length, and each block's key and end offset, packed in one ``bytes``. The
+their total length, each block's end offset and key, in one tuple (``Jumps``). The
 walk tries a node's jump first: one hash over the whole span and, when it matches, every
 key of the span at once; otherwise it steps. A jump names the blocks of one stored path
 whose bytes the request starts with, i.e. what stepping would find along that path where

@@ -60,6 +60,7 @@ import xxhash
 from tokenizers import Tokenizer
 
 from inference_cache.index import bytekeys, fingerprint
+from inference_cache.index.bytekeys import JUMP_DIGEST, JUMP_ENDS, JUMP_FORKS, JUMP_KEYS, JUMP_SPAN
 from inference_cache.index.types import Scope
 
 Boundary = Literal["none", "end", "exact", "dropped", "drop_last"]
@@ -242,14 +243,14 @@ class ByteMatcher:
         children, edges, jumps, layout = chain.children, chain.edges, chain.jumps, chain.layout
         while True:
             if layout is not None and (jump := jumps.get(node)) is not None:
-                end = pos + jump[1]  # type: ignore[operator]
+                end = pos + jump[JUMP_SPAN]  # type: ignore[operator]
                 if (
                     end <= n
-                    and xxh(view[pos:end], jump_seed) == jump[0]
-                    and (not jump[3] or self._follows(chain, data, view, node, pos, jump))
+                    and xxh(view[pos:end], jump_seed) == jump[JUMP_DIGEST]
+                    and (not jump[JUMP_FORKS] or self._follows(chain, data, view, node, pos, jump))
                 ):
-                    jumped.append((len(keys), pos, jump[2]))  # type: ignore[arg-type]
-                    keys += jump[bytekeys.JUMP_KEYS :]  # type: ignore[arg-type]
+                    jumped.append((len(keys), pos, jump[JUMP_ENDS]))  # type: ignore[arg-type]
+                    keys += jump[JUMP_KEYS:]  # type: ignore[arg-type]
                     ends += (end,) * layout.blocks
                     pos, node = end, jump[-1]  # type: ignore[assignment]
                     continue
@@ -297,9 +298,9 @@ class ByteMatcher:
         """Whether stepping from ``node`` at ``pos`` would pick the jump's child at each of
         its forks (``data`` starts with the jump's span): else the walk steps there."""
         assert chain.layout is not None
-        forks: int = jump[bytekeys.JUMP_FORKS]  # type: ignore[assignment]
-        ends = chain.layout.ends.unpack(jump[bytekeys.JUMP_ENDS])  # type: ignore[arg-type]
-        keys: tuple[bytes, ...] = jump[bytekeys.JUMP_KEYS :]  # type: ignore[assignment]
+        forks: int = jump[JUMP_FORKS]  # type: ignore[assignment]
+        ends = chain.layout.ends.unpack(jump[JUMP_ENDS])  # type: ignore[arg-type]
+        keys: tuple[bytes, ...] = jump[JUMP_KEYS:]  # type: ignore[assignment]
         for p in range(len(keys)):
             if not forks >> p & 1:
                 continue
